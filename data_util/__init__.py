@@ -1,0 +1,22 @@
+"""Data utilities: RCN JSON + HDF5 datasets, pair loaders, training augmentation, synthetic data.
+
+Conventions (DESIGN.md §2): images ``(B, 1, X, Y, Z)``, flows ``(B, 3, X, Y, Z)`` in voxels; image 1
+is fixed, image 2 is moving; stored volumes are uint8 0..255 and networks see ``volume / 255``.
+"""
+from data_util.augmentation import (augment_moving, bspline_weights, interpolate_control_grid,
+                                    invert_points, random_ffd_flow, sample_power)
+from data_util.dataset import (DatasetError, PairDataset, RandomPairBatchSampler, RCNDataset,
+                               landmark_mask, make_loader, scan_id)
+
+
+def __getattr__(name):
+    """Lazy ``generate`` (keeps ``python -m data_util.synthetic`` free of a double import)."""
+    if name == "generate":
+        from data_util.synthetic import generate
+        return generate
+    raise AttributeError(f"module 'data_util' has no attribute '{name}'")
+
+
+__all__ = ["DatasetError", "RCNDataset", "PairDataset", "RandomPairBatchSampler", "make_loader",
+           "scan_id", "landmark_mask", "augment_moving", "random_ffd_flow", "sample_power",
+           "bspline_weights", "interpolate_control_grid", "invert_points", "generate"]

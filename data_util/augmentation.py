@@ -1,0 +1,103 @@
+"""RCN training augmentation: a random smooth free-form deformation (FFD) of the MOVING image.
+
+Only image 2 (moving) is augmented, together with its segmentation and landmarks (RCN
+``framework.py`` / ``transform.py``). Layouts: images ``(B, 1, X, Y, Z)``, flows ``(B, 3, X, Y, Z)`` in
+voxel units with channel ``c`` displacing axis ``c``; pull-back warping ``warped(p) = moving(p + u(p))``.
+"""
+from __future__ import annotations
+
+import torch
+
+from network.layers import sample_flow_at_points, warp
+
+
+def bspline_weights(size: int, control_points: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Cubic B-spline interpolation matrix ``(size, control_points)``.
+
+    Control point ``k`` sits at voxel ``k * (size - 1) / (control_points - 1)``; voxel ``x`` gets
+    ``sum_k B3((x - t_k) / h) c_k``. Rows are normalised to sum to 1 so a constant control grid
+    gives a constant field (also at the borders).
+    """
+    if control_points < 2:
+        raise ValueError(f"control_points must be >= 2, got {control_points}")
+    x = torch.arange(size, device=device, dtype=torch.float64)
+    spacing = max(size - 1, 1) / (control_points - 1)
+    knots = torch.arange(control_points, device=device, dtype=torch.float64) * spacing
+    t = ((x[:, None] - knots[None, :]) / spacing).abs()
+    weights = torch.where(t < 1, 2.0 / 3.0 - t ** 2 + t ** 3 / 2,
+                          torch.where(t < 2, (2 - t) ** 3 / 6, torch.zeros_like(t)))
+    return (weights / weights.sum(1, keepdim=True)).to(dtype)
+
+
+def interpolate_control_grid(control: torch.Tensor, shape) -> torch.Tensor:
+    """Dense field ``(B, C, X, Y, Z)`` from a control grid ``(B, C, n, m, k)`` (cubic B-spline,
+    separable tensor product)."""
+    wx, wy, wz = (bspline_weights(s, n, control.device, control.dtype)
+                  for s, n in zip(shape, control.shape[2:]))
+    return torch.einsum("bcijk,xi,yj,zk->bcxyz", control, wx, wy, wz)
+
+
+def sample_power(low: float, high: float, k: float, size, generator=None) -> torch.Tensor:
+    """RCN ``sample_power``: uniform on [-1, 1] scaled by ``r ** (1/k)`` then ``|v| ** k`` with its
+    sign, so values lie in [low, high] concentrated near the centre (``r = (high - low) / 2``)."""
+    r = (high - low) / 2
+    v = (torch.rand(size, generator=generator, dtype=torch.float64) * 2 - 1) * r ** (1.0 / k)
+    return (v.abs() ** k * v.sign() + (high + low) / 2).float()
+
+
+def random_ffd_flow(batch: int, shape, control_points: int = 5, magnitude: float = 0.4,
+                    power: float = 3.0, generator: torch.Generator | None = None,
+                    device=None, dtype=torch.float32) -> torch.Tensor:
+    """Random smooth FFD displacement ``(batch, 3, X, Y, Z)`` in voxels (RCN augmentation).
+
+    Control grid ``(batch, 3, n, n, n)`` with ``n = control_points``, values from
+    ``sample_power(-magnitude, magnitude, power)`` times ``shape[c] // 4`` voxels for channel ``c``
+    (at most 0.1 of the size per axis with the defaults), interpolated with cubic B-splines.
+    ``generator`` (a CPU ``torch.Generator``) makes it reproducible.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (X, Y, Z), got {shape}")
+    n = control_points
+    control = sample_power(-magnitude, magnitude, power, (batch, 3, n, n, n), generator)
+    scale = torch.tensor([s // 4 for s in shape], dtype=control.dtype).view(1, 3, 1, 1, 1)
+    control = (control * scale).to(device=device, dtype=dtype)
+    return interpolate_control_grid(control, shape)
+
+
+def invert_points(points: torch.Tensor, flow: torch.Tensor, iterations: int = 10) -> torch.Tensor:
+    """Move landmarks through a pull-back warp: for each ``q`` solve ``p + u(p) = q``.
+
+    ``points`` ``(B, N, 3)`` voxel coordinates in the original (unwarped) image, ``flow`` ``u``
+    ``(B, 3, X, Y, Z)``. Fixed-point iteration ``p <- q - u(p)`` (converges for smooth, moderate
+    fields). Rows equal to -1 (missing) stay -1.
+    """
+    q = points.to(flow.dtype)
+    p = q.clone()
+    for _ in range(iterations):
+        p = q - sample_flow_at_points(flow, p)
+    missing = (points == -1).all(-1, keepdim=True)
+    return torch.where(missing, points.to(p.dtype), p).to(points.dtype)
+
+
+def augment_moving(batch: dict, generator: torch.Generator | None = None, control_points: int = 5,
+                   magnitude: float = 0.4, flow: torch.Tensor | None = None) -> dict:
+    """Return a new batch dict with the moving image deformed by a random FFD.
+
+    ``voxel2`` ``(B, 1, X, Y, Z)`` is warped trilinearly, ``seg2`` (if present) with nearest
+    neighbour, ``point2`` ``(B, N, 3)`` (if present) mapped by :func:`invert_points` so landmarks
+    stay on the same anatomy. The FFD flow ``(B, 3, X, Y, Z)`` (voxels) is returned under
+    ``aug_flow``; ``flow`` may pass one explicitly instead of sampling. Other keys are copied.
+    """
+    moving = batch["voxel2"]
+    if flow is None:
+        flow = random_ffd_flow(moving.shape[0], moving.shape[2:], control_points, magnitude,
+                               generator=generator, device=moving.device, dtype=moving.dtype)
+    out = dict(batch)
+    out["voxel2"] = warp(moving, flow)
+    if batch.get("seg2") is not None:
+        out["seg2"] = warp(batch["seg2"], flow.to(batch["seg2"].dtype), mode="nearest")
+    if batch.get("point2") is not None:
+        out["point2"] = invert_points(batch["point2"], flow)
+    out["aug_flow"] = flow
+    return out

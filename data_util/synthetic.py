@@ -1,0 +1,217 @@
+"""Synthetic abdomen-like registration dataset in the RCN layout (one HDF5 file + one JSON config).
+
+Usage::
+
+    python -m data_util.synthetic --out data/synthetic --size 64 --train 16 --val 6 --seed 0
+
+Each scan is a random subject template (body, lobed liver, two kidneys, spine, stomach; random
+sizes and positions) warped by a known smooth deformation (small affine + cubic B-spline FFD).
+Axes: 0 = left-right, 1 = anterior-posterior, 2 = cranio-caudal; all coordinates in voxels.
+
+HDF5 group ``synth/<split>_<nnn>`` holds:
+
+* ``volume`` uint8 ``(X, Y, Z)`` 0..255;
+* ``segmentation`` uint8 ``(X, Y, Z)`` label values (1 liver, 2 kidneys, 3 spine, 4 stomach);
+* ``point`` float32 ``(6, 3)`` landmarks in voxels (liver centre, liver left lobe, liver tip,
+  right kidney, left kidney, stomach), rows of -1 = missing;
+* ``deformation`` float16 ``(3, X, Y, Z)``: pull-back displacement ``u`` in voxels from the scan
+  grid into the subject's template, ``scan(p) = template(p + u(p))``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import h5py
+import numpy as np
+import torch
+
+from data_util.augmentation import interpolate_control_grid, invert_points
+
+LABELS = {"liver": 1, "kidney": 2, "spine": 3, "stomach": 4}
+INTENSITY = {"body": 95.0, "liver": 150.0, "kidney": 190.0, "spine": 235.0, "stomach": 35.0}
+LANDMARKS = ("liver centre", "liver left lobe", "liver tip", "right kidney", "left kidney", "stomach")
+
+# canonical layout, fractions of the image size: (centre, radii)
+_LIVER_LOBES = (((0.33, 0.42, 0.64), (0.17, 0.15, 0.14)),
+                ((0.50, 0.34, 0.70), (0.13, 0.08, 0.09)),
+                ((0.29, 0.46, 0.50), (0.09, 0.10, 0.10)))
+_KIDNEYS = (((0.31, 0.67, 0.42), (0.075, 0.08, 0.12)), ((0.69, 0.67, 0.45), (0.075, 0.08, 0.12)))
+_STOMACH = ((0.67, 0.38, 0.63), (0.11, 0.09, 0.10))
+_BODY = ((0.50, 0.50, 0.50), (0.45, 0.36, 0.80))
+_SPINE = ((0.50, 0.76), 0.08)
+
+
+def _jitter(rng, shape, size, shift=0.02, scale=0.10):
+    """Randomly moved / scaled ellipsoid ``(centre, radii)`` in voxels."""
+    centre, radii = (np.asarray(v, dtype=np.float64) for v in shape)
+    centre = (centre + rng.normal(0, shift, 3)) * (size - 1)
+    radii = radii * np.clip(1 + rng.normal(0, scale, 3), 0.7, 1.3) * size
+    return centre, radii
+
+
+def sample_subject(rng: np.random.Generator, size: int) -> dict:
+    """Random subject template parameters (ellipsoid centres/radii in voxels)."""
+    subject = {"body": _jitter(rng, _BODY, size, 0.01, 0.04),
+               "liver": [_jitter(rng, lobe, size) for lobe in _LIVER_LOBES],
+               "kidney": [_jitter(rng, k, size, 0.02, 0.1) for k in _KIDNEYS],
+               "stomach": _jitter(rng, _STOMACH, size)}
+    (sx, sy), sr = _SPINE
+    subject["spine"] = (np.array([sx, sy + rng.normal(0, 0.01)]) * (size - 1),
+                        sr * size * (1 + rng.normal(0, 0.05)), size * rng.uniform(0.10, 0.14))
+    return subject
+
+
+def _ellipsoid_distance(q: torch.Tensor, ellipsoid) -> torch.Tensor:
+    """Approximate signed distance (voxels, negative inside) to an ellipsoid at points ``q`` (3, ...)."""
+    centre, radii = (torch.as_tensor(v, dtype=q.dtype).view(3, *([1] * (q.dim() - 1))) for v in ellipsoid)
+    return (((q - centre) / radii).square().sum(0).sqrt() - 1) * radii.mean()
+
+
+def _spine_distance(q: torch.Tensor, spine) -> torch.Tensor:
+    (cx, cy), radius, period = spine
+    radius = radius * (1 + 0.12 * torch.cos(2 * np.pi * q[2] / period))
+    return ((q[0] - cx).square() + (q[1] - cy).square()).sqrt() - radius
+
+
+def render_template(subject: dict, q: torch.Tensor, edge: float = 0.6):
+    """Evaluate a subject template at voxel coordinates ``q`` ``(3, X, Y, Z)``.
+
+    Returns ``(intensity float32 0..255, labels uint8)``, both ``(X, Y, Z)``; later structures
+    overwrite earlier ones (body, liver, stomach, kidneys, spine).
+    """
+    structures = [("body", _ellipsoid_distance(q, subject["body"])),
+                  ("liver", torch.stack([_ellipsoid_distance(q, e) for e in subject["liver"]]).amin(0)),
+                  ("stomach", _ellipsoid_distance(q, subject["stomach"])),
+                  ("kidney", torch.stack([_ellipsoid_distance(q, e) for e in subject["kidney"]]).amin(0)),
+                  ("spine", _spine_distance(q, subject["spine"]))]
+    image = torch.zeros(q.shape[1:])
+    labels = torch.zeros(q.shape[1:], dtype=torch.uint8)
+    for name, dist in structures:
+        soft = torch.sigmoid(-dist / edge)
+        image = image * (1 - soft) + INTENSITY[name] * soft
+        if name in LABELS:
+            labels[dist < 0] = LABELS[name]
+    return image, labels
+
+
+def template_landmarks(subject: dict) -> np.ndarray:
+    """The 6 landmarks ``(6, 3)`` in template voxel coordinates (order of ``LANDMARKS``)."""
+    (c0, _), (c1, _), (c2, r2) = subject["liver"]
+    tip = c2 - np.array([0.0, 0.0, 0.6 * r2[2]])
+    return np.stack([c0, c1, tip, subject["kidney"][0][0], subject["kidney"][1][0],
+                     subject["stomach"][0]]).astype(np.float32)
+
+
+def random_deformation(rng: np.random.Generator, size: int, ffd_std: float = 0.025,
+                       control_points: int = 5, max_angle: float = 6.0, scale_std: float = 0.04,
+                       shift_std: float = 0.015) -> torch.Tensor:
+    """Smooth pull-back displacement ``(3, S, S, S)`` in voxels: small affine about the centre
+    (rotation up to ``max_angle`` degrees, scaling, translation) plus a cubic B-spline FFD."""
+    angles = np.deg2rad(rng.uniform(-max_angle, max_angle, 3))
+    matrix = np.eye(3)
+    for axis, angle in enumerate(angles):
+        i, j = [a for a in range(3) if a != axis]
+        rot = np.eye(3)
+        rot[i, i] = rot[j, j] = np.cos(angle)
+        rot[i, j], rot[j, i] = -np.sin(angle), np.sin(angle)
+        matrix = rot @ matrix
+    matrix = matrix @ np.diag(1 + rng.normal(0, scale_std, 3))
+    shift = rng.normal(0, shift_std, 3) * size
+    centre = (size - 1) / 2
+    axes = torch.arange(size, dtype=torch.float32) - centre
+    grid = torch.stack(torch.meshgrid(axes, axes, axes, indexing="ij"))
+    linear = torch.as_tensor(matrix - np.eye(3), dtype=torch.float32)
+    flow = torch.einsum("ij,jxyz->ixyz", linear, grid) + torch.as_tensor(shift, dtype=torch.float32).view(3, 1, 1, 1)
+    control = torch.as_tensor(rng.normal(0, ffd_std * size, (1, 3) + (control_points,) * 3), dtype=torch.float32)
+    return flow + interpolate_control_grid(control, (size,) * 3)[0]
+
+
+def make_scan(rng: np.random.Generator, size: int, missing_prob: float = 0.3) -> dict:
+    """One synthetic scan: ``volume`` uint8, ``segmentation`` uint8, ``point`` float32 (6, 3),
+    ``deformation`` float16 (3, S, S, S) (see module docstring)."""
+    subject = sample_subject(rng, size)
+    flow = random_deformation(rng, size)
+    axes = torch.arange(size, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(axes, axes, axes, indexing="ij"))
+    image, labels = render_template(subject, grid + flow)
+    bias_control = torch.as_tensor(rng.normal(0, 0.06, (1, 1, 3, 3, 3)), dtype=torch.float32)
+    image = image * (1 + interpolate_control_grid(bias_control, (size,) * 3)[0, 0])
+    noise = torch.as_tensor(rng.normal(0, 3.0, image.shape), dtype=torch.float32)
+    volume = (image + noise).round().clamp(0, 255).to(torch.uint8)
+    points = invert_points(torch.from_numpy(template_landmarks(subject))[None], flow[None], 20)[0].numpy()
+    outside = ((points < 0) | (points > size - 1)).any(1)
+    if rng.random() < missing_prob:
+        outside[rng.choice(len(points), size=rng.integers(1, 3), replace=False)] = True
+    points[outside] = -1
+    return {"volume": volume.numpy(), "segmentation": labels.numpy(), "point": points.astype(np.float32),
+            "deformation": flow.numpy().astype(np.float16)}
+
+
+def _atomic_path(out_dir: str, name: str) -> str:
+    """Temporary sibling of ``<out_dir>/<name>``, renamed over it with ``os.replace`` when complete."""
+    return os.path.join(out_dir, f".{name}.{os.getpid()}.tmp")
+
+
+def generate(out_dir, size: int = 64, n_train: int = 16, n_val: int = 6, seed: int = 0,
+             name: str = "synthetic", verbose: bool = False) -> str:
+    """Write ``<out_dir>/<name>.h5`` and ``<out_dir>/<name>.json`` (RCN layout) atomically.
+
+    Deterministic for ``(size, n_train, n_val, seed)``: scan ``k`` of a split uses its own seed
+    derived from ``seed``. Returns the JSON path. Schemes: ``"1"`` train, ``"2"`` and ``"val"``
+    validation.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    splits = {"train": n_train, "val": n_val}
+    subsets = {f"synth-{split}": [f"synth/{split}_{k:03d}" for k in range(n)] for split, n in splits.items()}
+    h5_tmp, json_tmp = _atomic_path(out_dir, f"{name}.h5"), _atomic_path(out_dir, f"{name}.json")
+    try:
+        with h5py.File(h5_tmp, "w") as f:
+            for index, (split, n) in enumerate(splits.items()):
+                for k in range(n):
+                    rng = np.random.default_rng([seed, index, k])
+                    group = f.create_group(subsets[f"synth-{split}"][k])
+                    for key, value in make_scan(rng, size).items():
+                        extra = {"compression": "gzip", "compression_opts": 1} if key == "deformation" else {}
+                        group.create_dataset(key, data=value, track_times=False, **extra)
+        config = {"files": {"/": {"type": "HDF5", "path": f"{name}.h5"}},
+                  "image_size": [size] * 3, "image_type": "synthetic",
+                  "segmentation_class_value": {str(v): v for v in LABELS.values()},
+                  "subsets": subsets,
+                  "schemes": {"1": {"synth-train": 1.0}, "2": {"synth-val": 1.0}, "val": {"synth-val": 1.0}}}
+        with open(json_tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        json_path = os.path.join(out_dir, f"{name}.json")
+        os.replace(h5_tmp, os.path.join(out_dir, f"{name}.h5"))
+        os.replace(json_tmp, json_path)
+    finally:
+        for tmp in (h5_tmp, json_tmp):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if verbose:
+        print(f"wrote {os.path.join(out_dir, name + '.h5')} ({n_train} train + {n_val} val scans, {size}^3)")
+        print(f"wrote {json_path}")
+    return json_path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Generate a synthetic RCN-layout registration dataset.")
+    parser.add_argument("--out", default="data/synthetic", help="output directory")
+    parser.add_argument("--size", type=int, default=64, help="volume size (cube)")
+    parser.add_argument("--train", type=int, default=16, help="number of training scans")
+    parser.add_argument("--val", type=int, default=6, help="number of validation scans")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="synthetic", help="base name of the .h5/.json files")
+    args = parser.parse_args(argv)
+    if args.size < 8 or args.train < 0 or args.val < 0:
+        parser.error("--size must be >= 8 and --train/--val >= 0")
+    start = time.perf_counter()
+    generate(args.out, args.size, args.train, args.val, args.seed, args.name, verbose=True)
+    print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Base registration networks: deformable cascades (LDR, VTN, VoxelMorph) and affine stems.
+
+Every network takes ``fixed`` and ``moving`` images ``(B, 1, X, Y, Z)`` (intensities in [0, 1]) and
+returns a dict with ``"flow"``: a displacement ``(B, 3, X, Y, Z)`` in voxels (DESIGN.md §2).
+Affine stems also return ``"W"`` ``(B, 3, 3)``, ``"b"`` ``(B, 3)`` and ``"A" = I + W``.
+Parameter counts at ``channels=16`` match the TensorFlow references (DESIGN.md §3).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SizeError(ValueError):
+    """An input size a network cannot process (not divisible by its stride, or too small)."""
+
+
+def check_size(shape, stride: int, name: str, minimum: int | None = None) -> None:
+    """Raise :class:`SizeError` unless every spatial size is divisible by ``stride`` (and >= ``minimum``)."""
+    shape = tuple(int(s) for s in shape)
+    bad = [s for s in shape if s % stride != 0]
+    if bad:
+        raise SizeError(f"{name} needs every image size divisible by {stride}; got {shape}")
+    if minimum is not None and min(shape) < minimum:
+        raise SizeError(f"{name} needs every image size >= {minimum}; got {shape}")
+
+
+def conv_lrelu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+    """3D convolution (same padding) followed by LeakyReLU(0.1), as in the TF references."""
+    return nn.Sequential(nn.Conv3d(cin, cout, kernel, stride, padding=kernel // 2),
+                         nn.LeakyReLU(0.1, inplace=True))
+
+
+def flow_conv(cin: int) -> nn.Conv3d:
+    """Final 3x3x3 convolution to a 3-channel flow, initialised N(0, 1e-5) so training starts near identity."""
+    conv = nn.Conv3d(cin, 3, 3, padding=1)
+    nn.init.normal_(conv.weight, 0.0, 1e-5)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour x2 upsampling (Keras ``UpSampling3D``)."""
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class UNetFlow(nn.Module):
+    """Shared structure of ``VoxelMorph`` and ``LDR``: 4 stride-2 encoders, nearest-upsampling decoder.
+
+    ``encoders``: 4 widths; ``decoders``: 7 widths ``[d4, d3, d2, d1, d1_1, d0, d_1]`` (RCN's layout).
+    """
+
+    stride = 16
+
+    def __init__(self, encoders, decoders, flow_multiplier: float = 1.0):
+        super().__init__()
+        e, d = list(encoders), list(decoders)
+        if len(e) != 4 or len(d) != 7:
+            raise ValueError("UNetFlow needs 4 encoder widths and 7 decoder widths")
+        self.flow_multiplier = flow_multiplier
+        self.conv1 = conv_lrelu(2, e[0], 2)
+        self.conv2 = conv_lrelu(e[0], e[1], 2)
+        self.conv3 = conv_lrelu(e[1], e[2], 2)
+        self.conv4 = conv_lrelu(e[2], e[3], 2)
+        self.decode4 = conv_lrelu(e[3], d[0])
+        self.decode3 = conv_lrelu(d[0] + e[2], d[1])
+        self.decode2 = conv_lrelu(d[1] + e[1], d[2])
+        self.decode1 = conv_lrelu(d[2] + e[0], d[3])
+        self.decode1_1 = conv_lrelu(d[3], d[4])
+        self.decode0 = conv_lrelu(d[4] + 2, d[5])
+        self.decode_1 = conv_lrelu(d[5], d[6])
+        self.flow = flow_conv(d[6])
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict:
+        check_size(fixed.shape[2:], self.stride, type(self).__name__)
+        x = torch.cat([fixed, moving], dim=1)
+        c1 = self.conv1(x)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(c2)
+        c4 = self.conv4(c3)
+        net = self.decode4(c4)
+        net = self.decode3(torch.cat([upsample2(net), c3], 1))
+        net = self.decode2(torch.cat([upsample2(net), c2], 1))
+        net = self.decode1(torch.cat([upsample2(net), c1], 1))
+        net = self.decode1_1(net)
+        net = self.decode0(torch.cat([upsample2(net), x], 1))
+        net = self.decode_1(net)
+        return {"flow": self.flow(net) * self.flow_multiplier}
+
+
+class VoxelMorph(UNetFlow):
+    """RCN's VoxelMorph cascade: encoder c,2c,2c,2c; decoder 2c x5, c, c (300,547 params at c=16)."""
+
+    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0):
+        c = channels
+        super().__init__([c, 2 * c, 2 * c, 2 * c], [2 * c] * 5 + [c, c], flow_multiplier)
+
+
+class LDR(UNetFlow):
+    """LDR student cascade (LDR_ALDK code): encoder 2c,2c,2c,c; decoder 2c x4, c x3 (280,659 params at c=16)."""
+
+    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0):
+        c = channels
+        super().__init__([2 * c, 2 * c, 2 * c, c], [2 * c] * 4 + [c, c, c], flow_multiplier)
+
+
+def vtn_encoder(c: int) -> nn.ModuleDict:
+    """VTN encoder conv1..conv6_1, widths c..32c, total stride 64."""
+    widths = [("conv1", 2, c, 2), ("conv2", c, 2 * c, 2),
+              ("conv3", 2 * c, 4 * c, 2), ("conv3_1", 4 * c, 4 * c, 1),
+              ("conv4", 4 * c, 8 * c, 2), ("conv4_1", 8 * c, 8 * c, 1),
+              ("conv5", 8 * c, 16 * c, 2), ("conv5_1", 16 * c, 16 * c, 1),
+              ("conv6", 16 * c, 32 * c, 2), ("conv6_1", 32 * c, 32 * c, 1)]
+    return nn.ModuleDict({name: conv_lrelu(cin, cout, s) for name, cin, cout, s in widths})
+
+
+def up4(cin: int, cout: int) -> nn.ConvTranspose3d:
+    """4x4x4 stride-2 transposed convolution without bias (doubles the size)."""
+    return nn.ConvTranspose3d(cin, cout, 4, 2, padding=1, bias=False)
+
+
+class VTN(nn.Module):
+    """RCN's VTN deformable cascade (28,252,203 params at c=16); output x20 x flow multiplier."""
+
+    stride = 64
+
+    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0):
+        super().__init__()
+        c = channels
+        self.flow_multiplier = flow_multiplier
+        self.encoder = vtn_encoder(c)
+        # decoder level k: pred_k (3^3 conv -> 3), upsamp (4^3 transposed 3 -> 3), deconv (4^3 transposed + LReLU)
+        skips = [16 * c, 8 * c, 4 * c, 2 * c, c]        # conv5_1, conv4_1, conv3_1, conv2, conv1
+        cin = 32 * c
+        self.pred = nn.ModuleList()
+        self.upsamp = nn.ModuleList()
+        self.deconv = nn.ModuleList()
+        for skip in skips:
+            self.pred.append(nn.Conv3d(cin, 3, 3, padding=1))
+            self.upsamp.append(up4(3, 3))
+            self.deconv.append(nn.Sequential(up4(cin, skip), nn.LeakyReLU(0.1, inplace=True)))
+            cin = 2 * skip + 3
+        self.final = up4(cin, 3)
+        nn.init.normal_(self.final.weight, 0.0, 1e-5)    # start near the identity, like the flow convs
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict:
+        check_size(fixed.shape[2:], self.stride, "VTN")
+        x = torch.cat([fixed, moving], dim=1)
+        feats = {}
+        for name, layer in self.encoder.items():
+            x = layer(x)
+            feats[name] = x
+        skips = [feats["conv5_1"], feats["conv4_1"], feats["conv3_1"], feats["conv2"], feats["conv1"]]
+        net = feats["conv6_1"]
+        for pred, upsamp, deconv, skip in zip(self.pred, self.upsamp, self.deconv, skips):
+            net = torch.cat([skip, deconv(net), upsamp(pred(net))], dim=1)
+        return {"flow": self.final(net) * (20.0 * self.flow_multiplier)}
+
+
+def affine_flow(W: torch.Tensor, b: torch.Tensor, shape) -> torch.Tensor:
+    """Displacement ``u(x) = W x + b`` on voxel coordinates centred on the volume: ``(B, 3, X, Y, Z)``."""
+    axes = [torch.arange(s, device=W.device, dtype=W.dtype) - (s - 1) / 2.0 for s in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)          # (3, X, Y, Z)
+    return torch.einsum("bij,j...->bi...", W, grid) + b.view(-1, 3, 1, 1, 1)
+
+
+class _AffineHead(nn.Module):
+    """Two bias-free "valid" convolutions spanning the remaining grid: W (9 values) and b (3 values)."""
+
+    def __init__(self, cin: int, kernel, flow_multiplier: float):
+        super().__init__()
+        self.flow_multiplier = flow_multiplier
+        self.conv_W = nn.Conv3d(cin, 9, tuple(kernel), bias=False)
+        self.conv_b = nn.Conv3d(cin, 3, tuple(kernel), bias=False)
+        for conv in (self.conv_W, self.conv_b):
+            nn.init.normal_(conv.weight, 0.0, 1e-5)
+
+    def forward(self, features: torch.Tensor, shape) -> dict:
+        W = self.conv_W(features).view(-1, 3, 3) * self.flow_multiplier
+        b = self.conv_b(features).view(-1, 3) * self.flow_multiplier
+        eye = torch.eye(3, device=W.device, dtype=W.dtype)
+        return {"flow": affine_flow(W, b, shape), "W": W, "b": b, "A": W + eye}
+
+
+class VTNAffine(nn.Module):
+    """RCN's VTN affine stem: VTN encoder to 1/64, then W and b (~14.17M params at 128^3, c=16).
+
+    ``image_size`` fixes the valid-convolution kernel (size / 64), so it is part of the model config.
+    """
+
+    stride = 64
+
+    def __init__(self, image_size, channels: int = 16, flow_multiplier: float = 1.0):
+        super().__init__()
+        self.image_size = tuple(int(s) for s in image_size)
+        check_size(self.image_size, self.stride, "VTNAffine", minimum=self.stride)
+        self.encoder = vtn_encoder(channels)
+        self.head = _AffineHead(32 * channels, [s // 64 for s in self.image_size], flow_multiplier)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict:
+        shape = tuple(fixed.shape[2:])
+        if shape != self.image_size:
+            raise SizeError(f"VTNAffine was built for size {self.image_size}; got {shape}")
+        x = torch.cat([fixed, moving], dim=1)
+        for layer in self.encoder.values():
+            x = layer(x)
+        return self.head(x, shape)
+
+
+class LDRAffine(nn.Module):
+    """LDR_ALDK's light affine stem: convs c,2c,4c,8c stride 2, avg-pool 3 stride 2, W and b.
+
+    332,880 params at 128^3, c=16. Needs sizes divisible by 16 and >= 48 (pooling needs 3 cells).
+    """
+
+    stride = 16
+
+    def __init__(self, image_size, channels: int = 16, flow_multiplier: float = 1.0):
+        super().__init__()
+        self.image_size = tuple(int(s) for s in image_size)
+        check_size(self.image_size, self.stride, "LDRAffine", minimum=48)
+        c = channels
+        self.convs = nn.Sequential(conv_lrelu(2, c, 2), conv_lrelu(c, 2 * c, 2),
+                                   conv_lrelu(2 * c, 4 * c, 2), conv_lrelu(4 * c, 8 * c, 2))
+        pooled = [(s // 16 - 3) // 2 + 1 for s in self.image_size]
+        self.head = _AffineHead(8 * c, pooled, flow_multiplier)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict:
+        shape = tuple(fixed.shape[2:])
+        if shape != self.image_size:
+            raise SizeError(f"LDRAffine was built for size {self.image_size}; got {shape}")
+        x = self.convs(torch.cat([fixed, moving], dim=1))
+        x = F.avg_pool3d(x, 3, stride=2)
+        return self.head(x, shape)
+
+
+DEFORMABLE_NETWORKS = {"LDR": LDR, "VTN": VTN, "VoxelMorph": VoxelMorph}
+AFFINE_NETWORKS = {"VTNAffine": VTNAffine, "LDRAffine": LDRAffine}
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,170 @@
+"""Recursive cascaded registration model and its named presets.
+
+A model is an ordered list of stems: an optional affine stem, then ``n`` deformable cascades, each
+applied ``rep`` times with shared weights (RCN order ``c0, c0, ..., c1, c1, ...``). Every stem sees the
+fixed image and the moving image warped by the current aggregated flow; flows compose as
+``agg_k = warp(agg_{k-1}, flow_k) + flow_k`` and the warped image of stage k is always
+``warp(original_moving, agg_k)`` (DESIGN.md §2).
+
+The architecture is an explicit :class:`ModelConfig`, saved with every checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+
+from .base_networks import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, SizeError, check_size
+from .layers import SpatialTransformer
+
+# preset -> (affine stem or None, deformable networks per cascade, multiplier rule)
+PRESETS = {
+    # RCN: VTN affine + n cascades of the base network (VTN or VoxelMorph), multiplier 1/n
+    "rcn": {"affine": "VTNAffine", "nets_per_cascade": 1, "allowed": ("VTN", "VoxelMorph", "LDR")},
+    # LDR_ALDK brain: LDR affine + n LDR cascades, multiplier 1/n
+    "ldr-brain": {"affine": "LDRAffine", "nets_per_cascade": 1, "allowed": ("LDR",)},
+    # LDR_ALDK liver: no affine, every cascade is two LDR nets, multiplier 1/(n+1)
+    "ldr-liver": {"affine": None, "nets_per_cascade": 2, "allowed": ("LDR",)},
+    # no affine stem, n cascades of the base network, multiplier 1/n
+    "plain": {"affine": None, "nets_per_cascade": 1, "allowed": ("VTN", "VoxelMorph", "LDR")},
+}
+DEFAULT_PRESET = {"LDR": "ldr-brain", "VTN": "rcn", "VoxelMorph": "rcn"}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model; stored in checkpoints as a plain dict."""
+
+    base_network: str = "LDR"
+    n_cascades: int = 1
+    preset: str = "ldr-brain"
+    image_size: tuple = (128, 128, 128)
+    channels: int = 16
+    rep: int = 1
+    affine: str | None = field(default=None)          # filled from the preset
+    nets_per_cascade: int = 0                          # filled from the preset
+    flow_multiplier: float = 0.0                       # filled from the preset
+
+    def __post_init__(self):
+        if self.base_network not in DEFORMABLE_NETWORKS:
+            raise ValueError(f"unknown base network {self.base_network!r}; choose from {sorted(DEFORMABLE_NETWORKS)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        spec = PRESETS[self.preset]
+        if self.base_network not in spec["allowed"]:
+            raise ValueError(f"preset {self.preset!r} does not take base network {self.base_network!r}")
+        if self.n_cascades < 1 or self.rep < 1 or self.channels < 1:
+            raise ValueError("n_cascades, rep and channels must be >= 1")
+        self.image_size = tuple(int(s) for s in self.image_size)
+        if len(self.image_size) != 3:
+            raise ValueError(f"image_size must have 3 entries, got {self.image_size}")
+        self.affine = spec["affine"]
+        self.nets_per_cascade = spec["nets_per_cascade"]
+        n = self.n_cascades
+        self.flow_multiplier = 1.0 / (n + 1) if self.preset == "ldr-liver" else 1.0 / n
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)} - {"affine", "nets_per_cascade", "flow_multiplier"}
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class RecursiveCascadeNetwork(nn.Module):
+    """Affine stem (optional) + ``n`` deformable cascades x ``rep`` shared-weight repetitions.
+
+    ``forward(fixed, moving)`` takes ``(B, 1, X, Y, Z)`` images in [0, 1] and returns a dict:
+
+    * ``flows``: each stage's own flow ``(B, 3, X, Y, Z)`` (voxels), in application order;
+    * ``agg_flows``: aggregated flow after each stage; ``agg_flows[-1]`` is the final flow;
+    * ``deformable``: per stage, True for deformable stems (their flows get the smoothness loss);
+    * ``warped``: ``warp(moving, final flow)`` (``(B, 1, X, Y, Z)``);
+    * ``affine``: the affine stem's ``{"W", "b", "A"}`` or None.
+    With ``return_all_warped=True`` also ``warped_all`` (every stage's warped moving image).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.stride = max(DEFORMABLE_NETWORKS[c.base_network].stride,
+                          AFFINE_NETWORKS[c.affine].stride if c.affine else 1)
+        check_size(c.image_size, self.stride, f"{c.base_network} ({c.preset})")
+        self.affine = (AFFINE_NETWORKS[c.affine](c.image_size, c.channels) if c.affine else None)
+        net = DEFORMABLE_NETWORKS[c.base_network]
+        self.cascades = nn.ModuleList(
+            net(c.channels, c.flow_multiplier) for _ in range(c.n_cascades * c.nets_per_cascade))
+        self.transformer = SpatialTransformer()
+
+    @property
+    def rep(self) -> int:
+        return self.config.rep
+
+    def stages(self, rep: int | None = None):
+        """Deformable networks in application order (each repeated ``rep`` times, RCN order)."""
+        rep = self.rep if rep is None else rep
+        for net in self.cascades:
+            for _ in range(rep):
+                yield net
+
+    def check_input(self, fixed: torch.Tensor, moving: torch.Tensor) -> None:
+        for name, t in (("fixed", fixed), ("moving", moving)):
+            if t.dim() != 5 or t.shape[1] != 1:
+                raise ValueError(f"{name} image must have shape (B, 1, X, Y, Z), got {tuple(t.shape)}")
+        if fixed.shape != moving.shape:
+            raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} shapes differ")
+        check_size(fixed.shape[2:], self.stride, f"{self.config.base_network} ({self.config.preset})")
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, rep: int | None = None,
+                return_all_warped: bool = False) -> dict:
+        self.check_input(fixed, moving)
+        warp = self.transformer
+        flows, agg_flows, deformable, warped_all = [], [], [], []
+        affine = None
+        agg = None
+        warped = moving
+        if self.affine is not None:
+            affine = self.affine(fixed, moving)
+            agg = affine["flow"]
+            flows.append(agg)
+            agg_flows.append(agg)
+            deformable.append(False)
+            warped = warp(moving, agg)
+            warped_all.append(warped)
+        for k, net in enumerate(self.stages(rep)):
+            flow = net(fixed, warped)["flow"]
+            if agg is None:
+                agg = flow
+            elif k == 0 and affine is not None:
+                # exact composition with a linear map: A (x + u(x)) + b - x = affine(x) + A u(x)
+                agg = affine["flow"] + torch.einsum("bij,bj...->bi...", affine["A"], flow)
+            else:
+                agg = warp.compose(agg, flow)
+            flows.append(flow)
+            agg_flows.append(agg)
+            deformable.append(True)
+            warped = warp(moving, agg)
+            if return_all_warped:
+                warped_all.append(warped)
+        out = {"flows": flows, "agg_flows": agg_flows, "deformable": deformable,
+               "warped": warped, "affine": affine, "flow": agg}
+        if return_all_warped:
+            out["warped_all"] = warped_all
+        return out
+
+
+def build_model(config: ModelConfig | dict) -> RecursiveCascadeNetwork:
+    if isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    return RecursiveCascadeNetwork(config)
+
+
+__all__ = ["ModelConfig", "RecursiveCascadeNetwork", "build_model", "PRESETS", "DEFAULT_PRESET", "SizeError"]

@@ -1,0 +1,232 @@
+"""Train a recursive cascaded registration network (RCN / LDR), unsupervised.
+
+Seed command (LDR_ALDK / RCN flags): ``python train.py -b LDR -n 1 -g -1 --round 20000 --epochs 5
+--batch 4 --output 1cas_LDR -d datasets/liver.json``. ``-g -1`` trains on the CPU.
+Checkpoints: ``weights/<output>/ckpt_<step>.pt`` (self-describing); TensorBoard: ``logs/<output>``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from data_util import DatasetError, RCNDataset, augment_moving, make_loader
+from network import (CheckpointError, DEFAULT_PRESET, PRESETS, ModelConfig, RegistrationLoss, SizeError,
+                     build_model, count_parameters, load_checkpoint, save_checkpoint)
+from network.losses import SIMILARITY
+from network.metrics import pair_metrics, summarise
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-b", "--base_network", default="VTN", choices=sorted(["LDR", "VTN", "VoxelMorph"]),
+                   help="deformable base network of each cascade")
+    p.add_argument("-n", "--n_cascades", type=int, default=1, help="number of deformable cascades")
+    p.add_argument("-r", "--rep", type=int, default=1, help="shared-weight repetitions of each cascade")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="stem layout: rcn (VTN affine + n cascades), ldr-brain (LDR affine + n LDR), "
+                        "ldr-liver (no affine, 2 LDR nets per cascade, the LDR_ALDK liver layout), plain "
+                        "(no affine). Default: " + ", ".join(f"{k} -> {v}" for k, v in DEFAULT_PRESET.items()))
+    p.add_argument("--channels", type=int, default=16, help="base channel width c")
+    p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
+    p.add_argument("-c", "--checkpoint", default=None, help="resume from DIR[:STEP] or a ckpt_<step>.pt file")
+    p.add_argument("-d", "--dataset", default=None, help="dataset JSON (RCN layout)")
+    p.add_argument("--paired", action="store_true", help="adjacent entries are pairs (LSPIG)")
+    p.add_argument("--batch", type=int, default=4, help="pairs per step")
+    p.add_argument("--round", type=int, default=20000, help="steps per epoch")
+    p.add_argument("--epochs", type=float, default=1, help="number of epochs")
+    p.add_argument("--steps", type=int, default=None, help="total steps (overrides round x epochs)")
+    p.add_argument("--lr", type=float, default=1e-4, help="base learning rate (RCN schedule: 3 epochs, then halving)")
+    p.add_argument("--finetune", action="store_true", help="RCN fine-tuning schedule (base lr 5e-6)")
+    p.add_argument("--sim", choices=sorted(SIMILARITY), default="corr", help="similarity loss on the final warp")
+    p.add_argument("--reg_weight", type=float, default=1.0, help="weight of the per-cascade smoothness loss")
+    p.add_argument("--no_augment", action="store_true", help="disable free-form augmentation of the moving image")
+    p.add_argument("--output", default=None, help="run name: weights/<output>, logs/<output>")
+    p.add_argument("--val_steps", "-v", type=int, default=1000, help="validate every N steps (0: never)")
+    p.add_argument("--val_pairs", type=int, default=16, help="validation pairs per validation")
+    p.add_argument("--save_steps", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def fail(message: str, code: int = 2):
+    print(f"{os.path.basename(sys.argv[0]) or 'train.py'}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def resolve_device(gpu: str) -> torch.device:
+    ids = [g for g in str(gpu).split(",") if g.strip() != ""]
+    if not ids or ids[0].strip() == "-1":
+        return torch.device("cpu")
+    if len(ids) > 1:
+        fail("several GPUs are not supported yet; pass one id (e.g. -g 0)")
+    if not torch.cuda.is_available():
+        fail(f"-g {gpu}: CUDA is not available on this machine; use -g -1 for the CPU")
+    return torch.device(f"cuda:{int(ids[0])}")
+
+
+def rcn_learning_rate(base: float, epoch: int) -> float:
+    """RCN schedule: ``base`` for epochs 0-2, then halved every epoch."""
+    return base * (0.5 ** max(0, epoch - 2))
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validate(model, loader, device, class_values, rep=None) -> dict:
+    """Mean metrics over the validation pairs (same metrics module as ``eval.py``)."""
+    model.eval()
+    rows = []
+    for batch in loader:
+        batch = to_device(batch, device)
+        out = model(batch["voxel1"], batch["voxel2"], rep=rep)
+        rows += pair_metrics(batch, out["flow"], class_values)
+    model.train()
+    return {k: v[0] for k, v in summarise(rows).items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.gpu)
+
+    state = None
+    if args.checkpoint:
+        try:
+            state = load_checkpoint(args.checkpoint)
+        except CheckpointError as e:
+            fail(str(e))
+        if args.dataset is None:
+            args.dataset = state["train_args"].get("dataset")
+    if not args.dataset:
+        fail("no dataset: pass -d path/to/dataset.json")
+    try:
+        dataset = RCNDataset(args.dataset, paired=args.paired, splits=["1"])
+    except DatasetError as e:
+        fail(str(e))
+
+    try:
+        if state is not None:
+            config = ModelConfig.from_dict(state["model_config"])
+            config.rep = args.rep
+        else:
+            config = ModelConfig(base_network=args.base_network, n_cascades=args.n_cascades,
+                                 preset=args.preset or DEFAULT_PRESET[args.base_network], image_size=dataset.image_size,
+                                 channels=args.channels, rep=args.rep)
+        if tuple(config.image_size) != tuple(dataset.image_size):
+            fail(f"{args.dataset}: image size {tuple(dataset.image_size)} differs from the model's "
+                 f"{tuple(config.image_size)}")
+        model = build_model(config).to(device)
+    except (SizeError, ValueError) as e:
+        fail(f"{args.dataset}: {e}")
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    start_step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        if args.output is None:
+            args.output = os.path.basename(os.path.dirname(os.path.abspath(state["path"])))
+    if args.output is None:
+        args.output = f"{time.strftime('%b%d-%H%M')}_{config.n_cascades}cas_{config.base_network}"
+
+    total_steps = args.steps if args.steps is not None else int(round(args.round * args.epochs))
+    base_lr = 5e-6 if args.finetune else args.lr
+    weights_dir = os.path.join("weights", args.output)
+    logs_dir = os.path.join("logs", args.output)
+    n_params = count_parameters(model)
+    print(f"model: preset={config.preset} base={config.base_network} n={config.n_cascades} rep={config.rep} "
+          f"affine={config.affine} size={config.image_size} params={n_params:,}")
+    print(f"training steps {start_step} -> {total_steps}, batch {args.batch}, device {device}, output {weights_dir}")
+
+    try:
+        train_loader = make_loader(dataset, "1", args.batch, loop=True, num_workers=args.workers,
+                                   seed=args.seed + start_step)
+        val_loader = None
+        if args.val_steps > 0 and "2" in dataset.scheme_names:
+            dataset.validate(["2"])
+            val_loader = make_loader(dataset, "2", args.batch, loop=False, num_workers=0,
+                                     limit=args.val_pairs)
+    except DatasetError as e:
+        fail(str(e))
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+    writer = SummaryWriter(logs_dir)
+    loss_fn = RegistrationLoss(similarity=args.sim, reg_weight=args.reg_weight)
+    class_values = list(dataset.segmentation_class_value.values()) if dataset.segmentation_class_value else None
+    aug_gen = torch.Generator(device="cpu").manual_seed(args.seed + 7919 * start_step)
+    train_args = {k: v for k, v in vars(args).items()}
+
+    def checkpoint(step):
+        epoch = step // max(1, args.round)
+        return save_checkpoint(weights_dir, model, config.to_dict(), step, epoch, optimizer, train_args,
+                               extra={"n_params": n_params})
+
+    model.train()
+    step = start_step
+    batches = iter(train_loader)
+    bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, disable=None)
+    t0 = time.time()
+    try:
+        while step < total_steps:
+            lr = rcn_learning_rate(base_lr, step // max(1, args.round))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                batch = next(batches)
+            except DatasetError as e:
+                fail(str(e))
+            if not args.no_augment:
+                batch = augment_moving(batch, aug_gen)
+            batch = to_device(batch, device)
+            out = model(batch["voxel1"], batch["voxel2"])
+            loss, comps = loss_fn(batch["voxel1"], out)
+            if not torch.isfinite(loss):
+                fail(f"loss became {float(loss)} at step {step} (pairs {list(batch['id1'])} / {list(batch['id2'])}); "
+                     "no checkpoint written for this step")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % 10 == 0 or step == total_steps:
+                for k, v in comps.items():
+                    writer.add_scalar(f"loss/{k}", v.item(), step)
+                writer.add_scalar("lr", lr, step)
+                bar.set_postfix(loss=f"{loss.item():.4f}", sim=f"{comps['sim'].item():.4f}")
+            if val_loader is not None and (step % args.val_steps == 0 or step == total_steps):
+                metrics = validate(model, val_loader, device, class_values)
+                for k, v in metrics.items():
+                    if math.isfinite(v):
+                        writer.add_scalar(f"val/{k}", v, step)
+                tqdm.write(f"step {step}: val dice {metrics['dice']:.4f} (before {metrics['dice_before']:.4f}) "
+                           f"jacc {metrics['jacc']:.4f} jac_nonpos {metrics['jac_nonpos_pct']:.3f}%")
+            if step % args.save_steps == 0 or step == total_steps:
+                checkpoint(step)
+    except KeyboardInterrupt:
+        bar.close()
+        path = checkpoint(step)
+        print(f"interrupted: saved {path}")
+        return 130
+    bar.close()
+    writer.close()
+    print(f"done: {step} steps in {time.time() - t0:.1f} s; checkpoint {os.path.join(weights_dir, f'ckpt_{step}.pt')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
