@@ -27,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("-b", "--base_network", default="VTN", choices=sorted(["LDR", "VTN", "VoxelMorph"]),
                    help="deformable base network of each cascade")
     p.add_argument("-n", "--n_cascades", type=int, default=1, help="number of deformable cascades")
-    p.add_argument("-r", "--rep", type=int, default=1, help="shared-weight repetitions of each cascade")
+    p.add_argument("-r", "--rep", type=int, default=None,
+                   help="shared-weight repetitions of each cascade (default 1, or the checkpoint's when resuming)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="stem layout: rcn (VTN affine + n cascades), ldr-brain (LDR affine + n LDR), "
                         "ldr-liver (no affine, 2 LDR nets per cascade, the LDR_ALDK liver layout), plain "
@@ -57,7 +58,13 @@ def parse_args(argv=None):
 
 
 def fail(message: str, code: int = 2):
-    print(f"{os.path.basename(sys.argv[0]) or 'train.py'}: error: {message}", file=sys.stderr)
+    """Print one error line and exit. Errors re-raised from DataLoader workers carry the worker's
+    traceback; only their final line (the original message) is kept."""
+    lines = [l for l in str(message).strip().splitlines() if l.strip()]
+    line = lines[-1] if lines else "unknown error"
+    if len(lines) > 1 and "Error: " in line:
+        line = line.split("Error: ", 1)[1]
+    print(f"{os.path.basename(sys.argv[0]) or 'train.py'}: error: {line}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -79,6 +86,24 @@ def rcn_learning_rate(base: float, epoch: int) -> float:
 
 def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class LazyWriter:
+    """TensorBoard writer that creates ``logs/<output>`` only when the first scalar arrives."""
+
+    def __init__(self, log_dir: str):
+        self.log_dir = log_dir
+        self._writer = None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(self.log_dir)
+        self._writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 @torch.no_grad()
@@ -120,11 +145,11 @@ def main(argv=None):
     try:
         if state is not None:
             config = ModelConfig.from_dict(state["model_config"])
-            config.rep = args.rep
+            config.rep = args.rep or config.rep
         else:
             config = ModelConfig(base_network=args.base_network, n_cascades=args.n_cascades,
                                  preset=args.preset or DEFAULT_PRESET[args.base_network], image_size=dataset.image_size,
-                                 channels=args.channels, rep=args.rep)
+                                 channels=args.channels, rep=args.rep or 1)
         if tuple(config.image_size) != tuple(dataset.image_size):
             fail(f"{args.dataset}: image size {tuple(dataset.image_size)} differs from the model's "
                  f"{tuple(config.image_size)}")
@@ -163,9 +188,8 @@ def main(argv=None):
     except DatasetError as e:
         fail(str(e))
 
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
-    writer = SummaryWriter(logs_dir)
+    writer = LazyWriter(logs_dir)
     loss_fn = RegistrationLoss(similarity=args.sim, reg_weight=args.reg_weight)
     class_values = list(dataset.segmentation_class_value.values()) if dataset.segmentation_class_value else None
     aug_gen = torch.Generator(device="cpu").manual_seed(args.seed + 7919 * start_step)

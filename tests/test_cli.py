@@ -128,3 +128,19 @@ def test_truncated_checkpoint(trained, tmp_path):
              str(trained / "data" / "synthetic.json")], tmp_path)
     assert_one_line_error(r, "ckpt_1.pt")
     assert not (tmp_path / "evaluate").exists()
+
+
+def test_nan_volume_in_worker_gives_one_line(tmp_path):
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        for k in ("a", "b"):
+            v = np.zeros((48, 48, 48), np.float32)
+            if k == "b":
+                v[3, 4, 5] = np.nan
+            f.create_dataset(f"{k}/volume", data=v)
+    cfg = {"files": {"/": {"type": "HDF5", "path": "d.h5"}}, "image_size": [48, 48, 48],
+           "subsets": {"t": ["a", "b"]}, "schemes": {"1": {"t": 1.0}}}
+    (tmp_path / "d.json").write_text(json.dumps(cfg))
+    r = run([os.path.join(ROOT, "train.py"), "-b", "LDR", "-g", "-1", "-d", "d.json", "--round", "2",
+             "--batch", "1", "--workers", "1", "--output", "nan"], tmp_path)
+    assert_one_line_error(r, "d.h5", "NaN")
+    assert not (tmp_path / "weights").exists() and not (tmp_path / "logs").exists()
