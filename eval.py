@@ -23,7 +23,7 @@ import torch
 from data_util import DatasetError, RCNDataset, make_loader
 from network import CheckpointError, SizeError, build_model, count_parameters, load_checkpoint
 from network.metrics import METRIC_KEYS, pair_metrics, summarise
-from train import fail, resolve_device, to_device
+from train import fail, resolve_device, stored_dataset, to_device
 
 
 def parse_args(argv=None):
@@ -105,9 +105,7 @@ def main(argv=None):
     config = dict(state["model_config"])
     if args.rep is not None:
         config["rep"] = args.rep
-    dataset_path = args.dataset or state["train_args"].get("dataset")
-    if not dataset_path:
-        fail(f"{state['path']}: checkpoint names no dataset; pass -d path/to/dataset.json")
+    dataset_path = args.dataset or stored_dataset(state)
     try:
         split = args.val_subset or "2"
         dataset = RCNDataset(dataset_path, paired=args.paired or bool(state["train_args"].get("paired")),

@@ -79,6 +79,17 @@ def resolve_device(gpu: str) -> torch.device:
     return torch.device(f"cuda:{int(ids[0])}")
 
 
+def stored_dataset(state: dict) -> str:
+    """The training dataset named in a checkpoint: as typed if it exists from here, else its absolute path."""
+    given = state["train_args"].get("dataset")
+    absolute = state["train_args"].get("dataset_abspath")
+    if not given:
+        fail(f"{state['path']}: checkpoint names no dataset; pass -d path/to/dataset.json")
+    if not os.path.exists(given) and absolute and os.path.exists(absolute):
+        return absolute
+    return given
+
+
 def rcn_learning_rate(base: float, epoch: int) -> float:
     """RCN schedule: ``base`` for epochs 0-2, then halved every epoch."""
     return base * (0.5 ** max(0, epoch - 2))
@@ -134,7 +145,7 @@ def main(argv=None):
         except CheckpointError as e:
             fail(str(e))
         if args.dataset is None:
-            args.dataset = state["train_args"].get("dataset")
+            args.dataset = stored_dataset(state)
     if not args.dataset:
         fail("no dataset: pass -d path/to/dataset.json")
     try:
@@ -193,7 +204,7 @@ def main(argv=None):
     loss_fn = RegistrationLoss(similarity=args.sim, reg_weight=args.reg_weight)
     class_values = list(dataset.segmentation_class_value.values()) if dataset.segmentation_class_value else None
     aug_gen = torch.Generator(device="cpu").manual_seed(args.seed + 7919 * start_step)
-    train_args = {k: v for k, v in vars(args).items()}
+    train_args = dict(vars(args), dataset_abspath=os.path.abspath(args.dataset))
 
     def checkpoint(step):
         epoch = step // max(1, args.round)

@@ -144,3 +144,10 @@ def test_nan_volume_in_worker_gives_one_line(tmp_path):
              "--batch", "1", "--workers", "1", "--output", "nan"], tmp_path)
     assert_one_line_error(r, "d.h5", "NaN")
     assert not (tmp_path / "weights").exists() and not (tmp_path / "logs").exists()
+
+
+def test_eval_from_another_folder_finds_training_dataset(trained, tmp_path):
+    r = run([os.path.join(ROOT, "eval.py"), "-g", "-1", "--checkpoint", str(trained / "weights" / "smoke:3"),
+             "--limit", "1", "--workers", "0", "--name", "elsewhere"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "evaluate" / "elsewhere.json").read_text())["info"]["n_pairs"] == 1
