@@ -4,8 +4,10 @@ Usage::
 
     python -m data_util.synthetic --out data/synthetic --size 64 --train 16 --val 6 --seed 0
 
-Each scan is a random subject template (body, lobed liver, two kidneys, spine, stomach; random
-sizes and positions) warped by a known smooth deformation (small affine + cubic B-spline FFD).
+Each scan is a subject template (body, lobed liver, two kidneys, spine, stomach) warped by a known
+smooth deformation (small affine + cubic B-spline FFD). By default all scans share one template
+anatomy, so the true flow between any two scans is known (:func:`true_pair_flow`); with
+``--anatomy per-scan`` each scan also gets random organ sizes and positions.
 Axes: 0 = left-right, 1 = anterior-posterior, 2 = cranio-caudal; all coordinates in voxels.
 
 HDF5 group ``synth/<split>_<nnn>`` holds:
@@ -129,11 +131,14 @@ def random_deformation(rng: np.random.Generator, size: int, ffd_std: float = 0.0
     return flow + interpolate_control_grid(control, (size,) * 3)[0]
 
 
-def make_scan(rng: np.random.Generator, size: int, missing_prob: float = 0.3) -> dict:
+def make_scan(rng: np.random.Generator, size: int, missing_prob: float = 0.3, subject: dict | None = None,
+              ffd_std: float = 0.025) -> dict:
     """One synthetic scan: ``volume`` uint8, ``segmentation`` uint8, ``point`` float32 (6, 3),
-    ``deformation`` float16 (3, S, S, S) (see module docstring)."""
-    subject = sample_subject(rng, size)
-    flow = random_deformation(rng, size)
+    ``deformation`` float16 (3, S, S, S) (see module docstring). ``subject``: the template anatomy
+    (see :func:`sample_subject`); a new random one when None."""
+    if subject is None:
+        subject = sample_subject(rng, size)
+    flow = random_deformation(rng, size, ffd_std=ffd_std)
     axes = torch.arange(size, dtype=torch.float32)
     grid = torch.stack(torch.meshgrid(axes, axes, axes, indexing="ij"))
     image, labels = render_template(subject, grid + flow)
@@ -150,19 +155,49 @@ def make_scan(rng: np.random.Generator, size: int, missing_prob: float = 0.3) ->
             "deformation": flow.numpy().astype(np.float16)}
 
 
+def true_pair_flow(fixed_deformation, moving_deformation, iterations: int = 20) -> torch.Tensor:
+    """Ground-truth flow ``v`` ``(3, X, Y, Z)`` (voxels) between two scans of one shared template.
+
+    With ``scan_k(p) = template(p + u_k(p))`` (the stored ``deformation`` fields ``u_k``), ``v`` solves
+    ``p + v(p) + u_moving(p + v(p)) = p + u_fixed(p)``, so ``moving(p + v(p)) = fixed(p)``: the flow a
+    perfect registration of (fixed, moving) would predict. Only meaningful for datasets generated with
+    ``anatomy="shared"``.
+    """
+    u_f = torch.as_tensor(np.asarray(fixed_deformation), dtype=torch.float32)
+    u_m = torch.as_tensor(np.asarray(moving_deformation), dtype=torch.float32)
+    shape = u_f.shape[1:]
+    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    targets = (grid + u_f).reshape(3, -1).T[None]                      # template points phi_f(p)
+    sources = invert_points(targets, u_m[None], iterations)[0]          # phi_m^-1(phi_f(p))
+    return sources.T.reshape(3, *shape) - grid
+
+
 def _atomic_path(out_dir: str, name: str) -> str:
     """Temporary sibling of ``<out_dir>/<name>``, renamed over it with ``os.replace`` when complete."""
     return os.path.join(out_dir, f".{name}.{os.getpid()}.tmp")
 
 
 def generate(out_dir, size: int = 64, n_train: int = 16, n_val: int = 6, seed: int = 0,
-             name: str = "synthetic", verbose: bool = False) -> str:
+             name: str = "synthetic", verbose: bool = False, anatomy: str = "shared",
+             ffd_std: float | None = None) -> str:
     """Write ``<out_dir>/<name>.h5`` and ``<out_dir>/<name>.json`` (RCN layout) atomically.
 
     Deterministic for ``(size, n_train, n_val, seed)``: scan ``k`` of a split uses its own seed
     derived from ``seed``. Returns the JSON path. Schemes: ``"1"`` train, ``"2"`` and ``"val"``
     validation.
+
+    ``anatomy="shared"``: every scan is the same template anatomy under its own known deformation,
+    so the true flow between any two scans is known (:func:`true_pair_flow`); ``"per-scan"``: every
+    scan also gets its own random organ sizes and positions (more realistic, no pairwise truth).
+    ``ffd_std``: B-spline control-point std as a fraction of the size (default 0.05 shared, 0.025
+    per-scan, which give similar unregistered Dice).
     """
+    if anatomy not in ("shared", "per-scan"):
+        raise ValueError(f"anatomy must be 'shared' or 'per-scan', got {anatomy!r}")
+    if ffd_std is None:
+        ffd_std = 0.05 if anatomy == "shared" else 0.025
+    shared = sample_subject(np.random.default_rng([seed, 1000]), size) if anatomy == "shared" else None
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     splits = {"train": n_train, "val": n_val}
@@ -174,13 +209,14 @@ def generate(out_dir, size: int = 64, n_train: int = 16, n_val: int = 6, seed: i
                 for k in range(n):
                     rng = np.random.default_rng([seed, index, k])
                     group = f.create_group(subsets[f"synth-{split}"][k])
-                    for key, value in make_scan(rng, size).items():
+                    for key, value in make_scan(rng, size, subject=shared, ffd_std=ffd_std).items():
                         extra = {"compression": "gzip", "compression_opts": 1} if key == "deformation" else {}
                         group.create_dataset(key, data=value, track_times=False, **extra)
         config = {"files": {"/": {"type": "HDF5", "path": f"{name}.h5"}},
                   "image_size": [size] * 3, "image_type": "synthetic",
                   "segmentation_class_value": {str(v): v for v in LABELS.values()},
                   "subsets": subsets,
+                  "synthetic": {"anatomy": anatomy, "ffd_std": ffd_std, "seed": seed},
                   "schemes": {"1": {"synth-train": 1.0}, "2": {"synth-val": 1.0}, "val": {"synth-val": 1.0}}}
         with open(json_tmp, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
@@ -205,11 +241,15 @@ def main(argv=None) -> None:
     parser.add_argument("--val", type=int, default=6, help="number of validation scans")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="synthetic", help="base name of the .h5/.json files")
+    parser.add_argument("--anatomy", choices=["shared", "per-scan"], default="shared",
+                        help="shared: one template anatomy, known pairwise flows; per-scan: random anatomy per scan")
+    parser.add_argument("--ffd_std", type=float, default=None, help="FFD control-point std (fraction of size)")
     args = parser.parse_args(argv)
     if args.size < 8 or args.train < 0 or args.val < 0:
         parser.error("--size must be >= 8 and --train/--val >= 0")
     start = time.perf_counter()
-    generate(args.out, args.size, args.train, args.val, args.seed, args.name, verbose=True)
+    generate(args.out, args.size, args.train, args.val, args.seed, args.name, verbose=True,
+             anatomy=args.anatomy, ffd_std=args.ffd_std)
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 

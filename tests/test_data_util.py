@@ -370,3 +370,31 @@ def test_synthetic_roundtrip_and_determinism(tmp_path, capsys):
     synthetic.main(["--out", str(tmp_path / "cli"), "--size", "16", "--train", "2", "--val", "1"])
     assert "synthetic.json" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "cli")
+
+
+def test_synthetic_true_pair_flow_registers_shared_anatomy(tmp_path):
+    from data_util.synthetic import true_pair_flow
+    from network.layers import warp
+    from network.metrics import segmentation_scores
+    path = generate(tmp_path / "s", size=32, n_train=0, n_val=3, seed=3, anatomy="shared")
+    ds = RCNDataset(path)
+    with h5py.File(tmp_path / "s" / "synthetic.h5", "r") as f:
+        deformations = {e: f[e]["deformation"][()] for e in ds.subsets["synth-val"]}
+    for fixed, moving in ds.pairs("2"):
+        flow = true_pair_flow(deformations[fixed], deformations[moving])[None]
+        seg_f = torch.from_numpy(ds.load(fixed)["segmentation"])[None, None]
+        seg_m = torch.from_numpy(ds.load(moving)["segmentation"])[None, None]
+        before = float(segmentation_scores(seg_f, seg_m, None, [1, 2, 3, 4])[0])
+        after = float(segmentation_scores(seg_f, seg_m, flow, [1, 2, 3, 4])[0])
+        assert before < 0.85 and after > 0.9 and after > before + 0.1
+        img_f = torch.from_numpy(ds.load(fixed)["volume"])[None, None]
+        img_m = torch.from_numpy(ds.load(moving)["volume"])[None, None]
+        err_after = (warp(img_m, flow) - img_f).abs().mean()
+        assert err_after < 0.5 * (img_m - img_f).abs().mean()
+
+
+def test_synthetic_per_scan_anatomy_and_bad_option(tmp_path):
+    path = generate(tmp_path / "p", size=16, n_train=2, n_val=0, seed=0, anatomy="per-scan")
+    assert json.load(open(path))["synthetic"]["anatomy"] == "per-scan"
+    with pytest.raises(ValueError):
+        generate(tmp_path / "q", size=16, n_train=1, n_val=0, anatomy="other")
