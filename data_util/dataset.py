@@ -378,14 +378,6 @@ class RCNDataset:
         """``len(pairs(split))`` without building the list."""
         return sum(len(self._space(subset)) for subset in self.scheme(split))
 
-    def sample_pairs(self, split, n: int, rng: np.random.Generator) -> list:
-        """``n`` random pairs (with replacement): per-subset counts are multinomial in the scheme
-        fractions (RCN's per-batch counts), each pair uniform within its subset's pair list."""
-        spaces, probs = self._sampling_spaces(split)
-        counts = rng.multinomial(n, probs)
-        return [space.pair(int(rng.integers(len(space))))
-                for space, count in zip(spaces, counts) for _ in range(count)]
-
     def _sampling_spaces(self, split):
         scheme = self.scheme(split)
         items = [(self._space(s), f) for s, f in scheme.items() if f > 0]

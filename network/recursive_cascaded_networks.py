@@ -138,7 +138,8 @@ class RecursiveCascadeNetwork(nn.Module):
             agg_flows.append(agg)
             deformable.append(False)
             warped = warp(moving, agg)
-            warped_all.append(warped)
+            if return_all_warped:
+                warped_all.append(warped)
         for k, net in enumerate(self.stages(rep)):
             flow = net(fixed, warped)["flow"]
             if agg is None:
