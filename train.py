@@ -2,6 +2,8 @@
 
 Seed command (LDR_ALDK / RCN flags): ``python train.py -b LDR -n 1 -g -1 --round 20000 --epochs 5
 --batch 4 --output 1cas_LDR -d datasets/liver.json``. ``-g -1`` trains on the CPU.
+Distillation: add ``--aldk`` (or ``--distill l2``) with teacher flows from ``Teacher_deformations/``
+(written by ``extract_teacher.py``; the published LDR_ALDK pickles also work) or ``--teacher weights/<t>``.
 Checkpoints: ``weights/<output>/ckpt_<step>.pt`` (self-describing); TensorBoard: ``logs/<output>``.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from data_util import DatasetError, RCNDataset, augment_moving, make_loader
+from data_util.teacher_flows import TeacherFlowError
 from network import (CheckpointError, DEFAULT_PRESET, PRESETS, ModelConfig, RegistrationLoss, SizeError,
                      build_model, count_parameters, load_checkpoint, save_checkpoint)
 from network.losses import SIMILARITY
@@ -54,6 +57,28 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
+    d = p.add_argument_group("distillation from a teacher (ALDK, network/aldk.py)")
+    d.add_argument("--aldk", action="store_true", help="adversarial distillation: critic on flows (WGAN-GP) "
+                   "+ adversarial term in the student loss (same as --distill aldk)")
+    d.add_argument("--distill", choices=["aldk", "l2"], default=None,
+                   help="teacher term: aldk (adversarial) or l2 (flow regression baseline)")
+    d.add_argument("--teacher", default=None, help="online teacher checkpoint weights/<run>[:STEP]: its flow is "
+                   "computed under no_grad for the exact (augmented) pair the student sees")
+    d.add_argument("--pretrained_flow_path", default="Teacher_deformations",
+                   help="stored teacher flows: a store .h5, a published .pkl, or a folder of them; a folder "
+                        "without flow files is searched for a subfolder named like the dataset JSON "
+                        "(Teacher_deformations/Liver for datasets/liver.json). Stored flows turn augmentation off")
+    d.add_argument("--beta", type=float, default=0.1, help="teacher weight of the gradient-penalty mixture")
+    d.add_argument("--gamma", type=float, default=0.3, help="student loss = gamma*rec + (1-gamma)*distillation")
+    d.add_argument("--lamb", type=float, default=0.1, help="gradient-penalty weight")
+    d.add_argument("--aldk_learning_scheme", action="store_true",
+                   help="LDR_ALDK scheme: distillation term on every 3rd step of the first 8000, else gamma=1")
+    d.add_argument("--adv_loss", choices=["paper", "wgan"], default="paper",
+                   help="student adversarial term: paper ||D(s)-D(t)||^2, or wgan -D(s)")
+    d.add_argument("--gp_mix", choices=["beta", "uniform"], default="beta",
+                   help="penalty point: beta*teacher + (1-beta)*student, or a U(0,1) mixture per pair")
+    d.add_argument("--critic_steps", type=int, default=1, help="critic updates per student step")
+    d.add_argument("--critic_lr", type=float, default=1e-4, help="critic Adam learning rate")
     return p.parse_args(argv)
 
 
@@ -88,6 +113,63 @@ def stored_dataset(state: dict) -> str:
     if not os.path.exists(given) and absolute and os.path.exists(absolute):
         return absolute
     return given
+
+
+def locate_teacher_flows(path: str, dataset_json: str) -> str:
+    """``path`` itself, or, for a folder without flow files, its subfolder named like the dataset JSON
+    (case-insensitive), as LDR_ALDK's ``Teacher_deformations/{Liver,Brain}`` layout."""
+    if not os.path.isdir(path):
+        return path
+    names = os.listdir(path)
+    if any(n.endswith((".h5", ".pkl")) for n in names):
+        return path
+    stem = os.path.splitext(os.path.basename(dataset_json))[0].lower()
+    match = [n for n in sorted(names) if n.lower() == stem and os.path.isdir(os.path.join(path, n))]
+    return os.path.join(path, match[0]) if match else path
+
+
+def setup_distillation(args, dataset, image_size, device):
+    """``(distiller, online_teacher, teacher_flows, pairs)`` for ``--aldk`` / ``--distill``, or Nones."""
+    from data_util.teacher_flows import TeacherFlowError, TeacherFlows
+    from network.aldk import DistillConfig, Distiller, OnlineTeacher
+
+    if args.aldk and args.distill not in (None, "aldk"):
+        fail(f"--aldk conflicts with --distill {args.distill}")
+    mode = "aldk" if args.aldk else args.distill
+    if mode is None:
+        if args.teacher:
+            fail("--teacher needs --aldk or --distill l2")
+        return None, None, None, None
+    try:
+        config = DistillConfig(mode=mode, beta=args.beta, gamma=args.gamma, lamb=args.lamb, adv_loss=args.adv_loss,
+                               gp_mix=args.gp_mix, critic_steps=args.critic_steps, critic_lr=args.critic_lr,
+                               learning_scheme=args.aldk_learning_scheme)
+    except ValueError as e:
+        fail(str(e))
+    distiller = Distiller(config, image_size, device)
+    if args.teacher:
+        try:
+            teacher = OnlineTeacher(args.teacher, device)
+        except (CheckpointError, SizeError, ValueError) as e:
+            fail(str(e))
+        if teacher.image_size != tuple(image_size):
+            fail(f"{teacher.path}: teacher image size {teacher.image_size} differs from the dataset's {tuple(image_size)}")
+        print(f"{mode} distillation, online teacher {teacher.path} (step {teacher.step}, "
+              f"{teacher.config.n_cascades} x {teacher.config.base_network}, preset {teacher.config.preset})")
+        return distiller, teacher, None, None
+    path = locate_teacher_flows(args.pretrained_flow_path, args.dataset)
+    hint = (f"extract teacher flows with `python extract_teacher.py -c weights/<teacher> -d {args.dataset}`, "
+            f"pass --pretrained_flow_path FILE|DIR, or use an online teacher: --teacher weights/<teacher>")
+    try:
+        flows = TeacherFlows(path, image_size)
+    except TeacherFlowError as e:
+        fail(f"{e}; {hint}")
+    pairs = dataset.keyed_pairs("1", flows.keys())
+    if not pairs:
+        fail(f"{path}: none of its {len(flows)} teacher flows is a training pair of {args.dataset}; {hint}")
+    print(f"{mode} distillation, stored teacher flows {path}: {len(pairs)} of {dataset.num_pairs('1')} training "
+          f"pairs have one (the others are skipped); augmentation is off (stored flows belong to unaugmented pairs)")
+    return distiller, None, flows, pairs
 
 
 def rcn_learning_rate(base: float, epoch: int) -> float:
@@ -128,6 +210,18 @@ def validate(model, loader, device, class_values, rep=None) -> dict:
         rows += pair_metrics(batch, out["flow"], class_values)
     model.train()
     return {k: v[0] for k, v in summarise(rows).items()}
+
+
+def distillation_step(distiller, teacher, batch, student_flow, rec_loss, rec_comps, step):
+    """Critic update(s), then the student loss ``γ·rec + (1-γ)·distillation`` with all components."""
+    teacher_flow = teacher(batch["voxel1"], batch["voxel2"]) if teacher is not None else batch["teacher_flow"]
+    try:
+        critic_comps = distiller.critic_step(teacher_flow, student_flow)
+    except FloatingPointError as e:
+        fail(f"{e} at step {step} (pairs {list(batch['id1'])} / {list(batch['id2'])})")
+    loss, comps = distiller.student_loss(rec_loss, rec_comps, student_flow, teacher_flow, step)
+    comps.update(critic_comps)
+    return loss, comps
 
 
 def main(argv=None):
@@ -188,9 +282,13 @@ def main(argv=None):
           f"affine={config.affine} size={config.image_size} params={n_params:,}")
     print(f"training steps {start_step} -> {total_steps}, batch {args.batch}, device {device}, output {weights_dir}")
 
+    distiller, teacher, teacher_flows, teacher_pairs = setup_distillation(args, dataset, config.image_size, device)
+    if distiller is not None and state is not None and state.get("distill"):
+        distiller.load_state_dict(state["distill"])
+    augment = not args.no_augment and teacher_flows is None
     try:
         train_loader = make_loader(dataset, "1", args.batch, loop=True, num_workers=args.workers,
-                                   seed=args.seed + start_step)
+                                   seed=args.seed + start_step, pairs=teacher_pairs, teacher_flows=teacher_flows)
         val_loader = None
         if args.val_steps > 0 and "2" in dataset.scheme_names:
             dataset.validate(["2"])
@@ -208,8 +306,10 @@ def main(argv=None):
 
     def checkpoint(step):
         epoch = step // max(1, args.round)
-        return save_checkpoint(weights_dir, model, config.to_dict(), step, epoch, optimizer, train_args,
-                               extra={"n_params": n_params})
+        extra = {"n_params": n_params}
+        if distiller is not None:
+            extra["distill"] = distiller.state_dict()
+        return save_checkpoint(weights_dir, model, config.to_dict(), step, epoch, optimizer, train_args, extra=extra)
 
     model.train()
     step = start_step
@@ -223,13 +323,15 @@ def main(argv=None):
                 group["lr"] = lr
             try:
                 batch = next(batches)
-            except DatasetError as e:
+            except (DatasetError, TeacherFlowError) as e:
                 fail(str(e))
-            if not args.no_augment:
+            if augment:
                 batch = augment_moving(batch, aug_gen)
             batch = to_device(batch, device)
             out = model(batch["voxel1"], batch["voxel2"])
             loss, comps = loss_fn(batch["voxel1"], out)
+            if distiller is not None:
+                loss, comps = distillation_step(distiller, teacher, batch, out["flow"], loss, comps, step)
             if not torch.isfinite(loss):
                 fail(f"loss became {float(loss)} at step {step} (pairs {list(batch['id1'])} / {list(batch['id2'])}); "
                      "no checkpoint written for this step")
@@ -242,7 +344,8 @@ def main(argv=None):
                 for k, v in comps.items():
                     writer.add_scalar(f"loss/{k}", v.item(), step)
                 writer.add_scalar("lr", lr, step)
-                bar.set_postfix(loss=f"{loss.item():.4f}", sim=f"{comps['sim'].item():.4f}")
+                shown = {k: f"{comps[k].item():.4f}" for k in ("sim", "rec_sim", "adv", "l2", "wdist") if k in comps}
+                bar.set_postfix(loss=f"{loss.item():.4f}", **shown)
             if val_loader is not None and (step % args.val_steps == 0 or step == total_steps):
                 metrics = validate(model, val_loader, device, class_values)
                 for k, v in metrics.items():

@@ -5,7 +5,7 @@ is fixed, image 2 is moving; stored volumes are uint8 0..255 and networks see ``
 """
 from data_util.augmentation import (augment_moving, bspline_weights, interpolate_control_grid,
                                     invert_points, random_ffd_flow, sample_power)
-from data_util.dataset import (DatasetError, PairDataset, RandomPairBatchSampler, RCNDataset,
+from data_util.dataset import (DatasetError, ListPairBatchSampler, PairDataset, RandomPairBatchSampler, RCNDataset,
                                landmark_mask, make_loader, scan_id)
 
 
@@ -17,6 +17,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'data_util' has no attribute '{name}'")
 
 
-__all__ = ["DatasetError", "RCNDataset", "PairDataset", "RandomPairBatchSampler", "make_loader",
+__all__ = ["DatasetError", "RCNDataset", "PairDataset", "RandomPairBatchSampler", "ListPairBatchSampler", "make_loader",
            "scan_id", "landmark_mask", "augment_moving", "random_ffd_flow", "sample_power",
            "bspline_weights", "interpolate_control_grid", "invert_points", "generate"]

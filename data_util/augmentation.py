@@ -88,7 +88,13 @@ def augment_moving(batch: dict, generator: torch.Generator | None = None, contro
     neighbour, ``point2`` ``(B, N, 3)`` (if present) mapped by :func:`invert_points` so landmarks
     stay on the same anatomy. The FFD flow ``(B, 3, X, Y, Z)`` (voxels) is returned under
     ``aug_flow``; ``flow`` may pass one explicitly instead of sampling. Other keys are copied.
+    A batch with stored ``teacher_flow`` is refused (those flows belong to the unaugmented pair; an
+    online teacher must be run on the augmented batch instead).
     """
+    if "teacher_flow" in batch:
+        raise ValueError("this batch carries stored teacher flows computed for the unaugmented pairs "
+                         f"{list(batch.get('id1', []))} / {list(batch.get('id2', []))}; augmenting the "
+                         "moving image would pair them with images they were not computed for")
     moving = batch["voxel2"]
     if flow is None:
         flow = random_ffd_flow(moving.shape[0], moving.shape[2:], control_points, magnitude,

@@ -374,6 +374,37 @@ class RCNDataset:
         """
         return [p for subset in self.scheme(split) for p in self._space(subset).all_pairs()]
 
+    def keyed_pairs(self, split, keys) -> list:
+        """The pairs of ``split`` named by pair keys ``"<fixed id>-<moving id>"`` (teacher-flow stores).
+
+        Keys naming scans outside the split, or pairs the split would not form (another subset, not
+        adjacent with ``paired``, not from the atlas), are skipped. Returned in sorted key order.
+        """
+        spaces = [self._space(subset) for subset in self.scheme(split)]
+        where = {}
+        for s, space in enumerate(spaces):
+            for position, entry in enumerate(space.entries):
+                where.setdefault(scan_id(entry), (s, position, entry))
+        atlas_id = scan_id(self.atlas) if self.atlas is not None else None
+        out = []
+        for key in sorted(keys):
+            for cut in (i for i, ch in enumerate(key) if ch == "-"):
+                a, b = key[:cut], key[cut + 1:]
+                if b not in where or (a not in where and a != atlas_id):
+                    continue
+                s, j, moving = where[b]
+                mode = spaces[s].mode
+                if mode == "atlas":
+                    ok = a == atlas_id
+                    fixed = self.atlas
+                else:
+                    s_a, i, fixed = where[a]
+                    ok = s_a == s and i != j and (mode == "all" or i // 2 == j // 2)
+                if ok:
+                    out.append((fixed, moving))
+                    break
+        return out
+
     def num_pairs(self, split) -> int:
         """``len(pairs(split))`` without building the list."""
         return sum(len(self._space(subset)) for subset in self.scheme(split))
@@ -434,12 +465,15 @@ class PairDataset(Dataset):
       zeros when absent; ``has_seg1``, ``has_seg2``: bool;
     * ``point1``, ``point2``: float32 ``(N, 3)`` voxel coordinates, ``N = dataset.n_points``
       (6 for the published data), padded/truncated, -1 rows = missing;
-    * ``id1``, ``id2``: scan ids (``"yanx_10"``).
+    * ``id1``, ``id2``: scan ids (``"yanx_10"``);
+    * ``teacher_flow``: float32 ``(3, X, Y, Z)`` from ``teacher_flows`` (a
+      :class:`data_util.teacher_flows.TeacherFlows`) under the key ``"<id1>-<id2>"``, when given.
     """
 
-    def __init__(self, dataset: RCNDataset, pairs=None):
+    def __init__(self, dataset: RCNDataset, pairs=None, teacher_flows=None):
         self.dataset = dataset
         self.pairs = list(pairs) if pairs is not None else None
+        self.teacher_flows = teacher_flows
 
     def __len__(self) -> int:
         return len(self.pairs) if self.pairs is not None else 0
@@ -459,7 +493,30 @@ class PairDataset(Dataset):
             item[f"has_seg{k}"] = seg is not None
             item[f"point{k}"] = torch.from_numpy(_fit_points(scan["point"], self.dataset.n_points))
             item[f"id{k}"] = scan["id"]
+        if self.teacher_flows is not None:
+            item["teacher_flow"] = torch.from_numpy(self.teacher_flows.get(f"{item['id1']}-{item['id2']}"))
         return item
+
+
+class ListPairBatchSampler(Sampler):
+    """Infinite batch sampler over an explicit pair list: a fresh random permutation per pass."""
+
+    def __init__(self, pairs, batch_size: int, seed: int = 0):
+        if not pairs:
+            raise ValueError("no pairs to sample")
+        self.pairs, self.batch_size, self.seed = list(pairs), batch_size, seed
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        order, cursor = rng.permutation(len(self.pairs)), 0
+        while True:
+            batch = []
+            for _ in range(self.batch_size):
+                if cursor == len(order):
+                    order, cursor = rng.permutation(len(self.pairs)), 0
+                batch.append(self.pairs[int(order[cursor])])
+                cursor += 1
+            yield batch
 
 
 class RandomPairBatchSampler(Sampler):
@@ -476,22 +533,26 @@ class RandomPairBatchSampler(Sampler):
 
 def make_loader(dataset: RCNDataset, split, batch_size: int = 1, loop: bool = False,
                 num_workers: int = 0, seed: int = 0, shuffle: bool = False,
-                pin_memory: bool = False, limit: int | None = None) -> DataLoader:
+                pin_memory: bool = False, limit: int | None = None, pairs=None,
+                teacher_flows=None) -> DataLoader:
     """DataLoader of pair dicts (see :class:`PairDataset`; batched tensors get a leading ``B``).
 
     ``loop=True``: infinite random training loader (RCN sampling, deterministic for ``seed``).
     ``loop=False``: one finite pass over ``dataset.pairs(split)`` in order (``shuffle=True``
     permutes it once with ``seed``); the last batch may be smaller. ``limit`` keeps the first pairs.
+    ``pairs``: use this ``(fixed, moving)`` list instead of the split's (both modes; ``loop`` then
+    walks random permutations of it). ``teacher_flows``: attach ``teacher_flow`` to every item.
     """
     if loop:
-        sampler = RandomPairBatchSampler(dataset, split, batch_size, seed)
-        return DataLoader(PairDataset(dataset), batch_sampler=sampler, num_workers=num_workers,
-                          pin_memory=pin_memory)
-    pairs = dataset.pairs(split)
+        sampler = (RandomPairBatchSampler(dataset, split, batch_size, seed) if pairs is None
+                   else ListPairBatchSampler(pairs, batch_size, seed))
+        return DataLoader(PairDataset(dataset, teacher_flows=teacher_flows), batch_sampler=sampler,
+                          num_workers=num_workers, pin_memory=pin_memory)
+    pairs = dataset.pairs(split) if pairs is None else list(pairs)
     if shuffle:
         order = np.random.default_rng(seed).permutation(len(pairs))
         pairs = [pairs[i] for i in order]
     if limit is not None:
         pairs = pairs[:limit]
-    return DataLoader(PairDataset(dataset, pairs), batch_size=batch_size, shuffle=False,
+    return DataLoader(PairDataset(dataset, pairs, teacher_flows), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, pin_memory=pin_memory)

@@ -1,0 +1,115 @@
+"""Extract a trained teacher's deformations into a Teacher_deformations store (for ALDK / L2 distillation).
+
+``python extract_teacher.py -c weights/<teacher>[:STEP] [-d dataset.json] [--split 1] [--limit N]``
+
+Runs the teacher over the (unaugmented) pairs of a split and stores each pair's final aggregated flow
+as float16 ``(3, X, Y, Z)`` under the key ``"<fixed id>-<moving id>"`` in one chunked, compressed HDF5
+file, by default ``Teacher_deformations/<dataset json name>/<teacher run>_<step>.h5`` -- the folder
+``train.py --aldk`` looks in by default. The file's manifest records the teacher (config, step, weight
+digest, checkpoint path) and the dataset config. Extraction is resumable: an interrupted run leaves
+``<out>.partial`` and the next run skips the pairs already stored; running again on a finished store
+adds missing pairs. Storage is about ``6 * X * Y * Z`` bytes per pair before compression (12 MiB at
+128^3): for large training sets prefer ``train.py --aldk --teacher weights/<teacher>`` (online teacher).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from data_util import DatasetError, RCNDataset, make_loader, scan_id
+from data_util.teacher_flows import TeacherFlowError, TeacherFlowWriter, pair_key
+from network import CheckpointError, SizeError
+from network.aldk import OnlineTeacher
+from train import fail, resolve_device, stored_dataset, to_device
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--checkpoint", required=True, help="teacher: weights/<run>[:STEP] or a ckpt_<step>.pt file")
+    p.add_argument("-d", "--dataset", default=None, help="dataset JSON (default: the teacher's training dataset)")
+    p.add_argument("--split", default="1", help="scheme whose pairs are extracted (default '1', training)")
+    p.add_argument("--paired", action="store_true", help="adjacent entries are pairs (LSPIG)")
+    p.add_argument("--out", default=None, help="store file (default Teacher_deformations/<dataset>/<run>_<step>.h5)")
+    p.add_argument("--limit", type=int, default=None, help="extract only N pairs")
+    p.add_argument("--shuffle", action="store_true", help="with --limit: a random subset of pairs (--seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-r", "--rep", type=int, default=None, help="teacher shared-weight repetitions (default: its own)")
+    p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
+    p.add_argument("--batch", type=int, default=1, help="pairs per teacher forward pass")
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    return p.parse_args(argv)
+
+
+def default_store_path(dataset_json: str, checkpoint_path: str, step: int) -> str:
+    stem = os.path.splitext(os.path.basename(dataset_json))[0]
+    run = os.path.basename(os.path.dirname(os.path.abspath(checkpoint_path)))
+    return os.path.join("Teacher_deformations", stem, f"{run}_{step}.h5")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.gpu)
+    try:
+        teacher = OnlineTeacher(args.checkpoint, device, rep=args.rep)
+        if args.dataset is None:
+            args.dataset = stored_dataset({"path": teacher.path, "train_args": teacher.train_args})
+        dataset = RCNDataset(args.dataset, paired=args.paired, splits=[args.split])
+        pairs = dataset.pairs(args.split)
+    except (CheckpointError, DatasetError, SizeError, ValueError) as e:
+        fail(str(e))
+    if dataset.image_size is not None and tuple(dataset.image_size) != teacher.image_size:
+        fail(f"{args.dataset}: image size {tuple(dataset.image_size)} differs from the teacher's {teacher.image_size}")
+    if args.limit is not None:
+        if args.shuffle:
+            order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
+            pairs = [pairs[i] for i in order]
+        pairs = pairs[:args.limit]
+    out = args.out or default_store_path(args.dataset, teacher.path, teacher.step)
+    with open(dataset.json_path, encoding="utf-8") as f:
+        dataset_config = json.load(f)
+    manifest = {"teacher": teacher.fingerprint(), "teacher_checkpoint": os.path.abspath(teacher.path),
+                "dataset": args.dataset, "dataset_abspath": dataset.json_path, "dataset_config": dataset_config,
+                "split": args.split, "paired": args.paired, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        writer = TeacherFlowWriter(out, manifest, teacher.image_size)
+    except TeacherFlowError as e:
+        fail(str(e))
+    todo = [p for p in pairs if pair_key(scan_id(p[0]), scan_id(p[1])) not in writer]
+    print(f"teacher {teacher.path} (step {teacher.step}, {teacher.config.n_cascades} x {teacher.config.base_network}, "
+          f"preset {teacher.config.preset}); {len(pairs)} pairs of split '{args.split}', {len(pairs) - len(todo)} "
+          f"already stored, {len(todo)} to extract -> {out}")
+    from tqdm import tqdm
+    t0 = time.time()
+    try:
+        if todo:
+            loader = make_loader(dataset, args.split, args.batch, pairs=todo, num_workers=args.workers)
+            for batch in tqdm(loader, total=len(loader), dynamic_ncols=True, disable=None):
+                batch = to_device(batch, device)
+                flow = teacher(batch["voxel1"], batch["voxel2"]).float().cpu()
+                for b in range(flow.shape[0]):
+                    writer.write(pair_key(batch["id1"][b], batch["id2"][b]), flow[b].numpy())
+        n = len(writer)
+        writer.finish()
+    except KeyboardInterrupt:
+        n = len(writer)
+        writer.close()
+        print(f"interrupted: {n} pairs kept in {out}.partial; run the same command again to resume")
+        return 130
+    except (DatasetError, TeacherFlowError) as e:
+        writer.close()
+        fail(str(e))
+    print(f"done: {len(todo)} pairs in {time.time() - t0:.1f} s; {out} holds {n} pairs "
+          f"({os.path.getsize(out) / 2 ** 20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
