@@ -134,6 +134,27 @@ def test_pair_orders_all_paired_atlas(layout):
         ds.pairs("nope")
 
 
+def test_keyed_pairs_select_the_split_pairs_named_by_teacher_keys(layout):
+    ds = RCNDataset(layout["json"])
+    keys = ["a_s1-a_s2", "a_s3-a_s1", "c_z-c_y",       # pairs of split 1
+            "a_s1-c_y",                                 # two subsets of the split: RCN never forms it
+            "b_x_1-b_x_2", "a_s1-a_s1", "nope-a_s1"]    # another split, same scan, unknown id
+    assert ds.keyed_pairs("1", keys) == [("a/s1", "a/s2"), ("a/s3", "a/s1"), ("c/z", "c/y")]
+    assert ds.keyed_pairs(2, keys) == [("b/x/1", "b/x/2")]   # ids with '_' from '/' and keys with '-'
+    paired = RCNDataset(layout["json"], paired=True)
+    assert paired.keyed_pairs("five", ["a_s2-a_s1", "a_s1-a_s3", "b_x_1-a_s3"]) == [("a/s2", "a/s1"),
+                                                                                   ("b/x/1", "a/s3")]
+    atlas = RCNDataset(with_config(layout, atlas="a/atlas"))
+    assert atlas.keyed_pairs("five", ["a_atlas-a_s2", "a_s1-a_s2"]) == [("a/atlas", "a/s2")]
+
+
+def test_augmentation_refuses_batches_with_stored_teacher_flows():
+    batch = {"voxel2": torch.zeros(1, 1, S, S, S), "teacher_flow": torch.zeros(1, 3, S, S, S),
+             "id1": ["a"], "id2": ["b"]}
+    with pytest.raises(ValueError, match="unaugmented pairs"):
+        augment_moving(batch, torch.Generator().manual_seed(0))
+
+
 def test_pair_dataset_items_and_padding(layout):
     ds = RCNDataset(layout["json"])
     item = PairDataset(ds, ds.pairs("five"))[("a/s3", "b/x/2")]

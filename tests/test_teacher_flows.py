@@ -290,3 +290,12 @@ def test_reader_is_picklable_after_get(tmp_path):
     flows.close()
     np.testing.assert_array_equal(flows.get("a-b"), first)  # reopened on demand
     flows.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_published_pickle_every_protocol(tmp_path, protocol):
+    arr = np.arange(4 * 4 * 4 * 3, dtype=np.float16).reshape(4, 4, 4, 3)
+    path = tmp_path / "flows.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"a-b": arr}, f, protocol=protocol)
+    np.testing.assert_array_equal(TeacherFlows(str(path), (4, 4, 4)).get("a-b"), arr.transpose(3, 0, 1, 2))
