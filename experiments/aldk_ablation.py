@@ -8,12 +8,14 @@ A benchmark, not a test: it runs the project's own commands (``data_util.synthet
 1. synthetic data (``--train`` training scans -> all ordered pairs, ``--val`` held-out scans);
 2. the teacher: affine + ``--teacher_cascades`` VTN cascades (RCN preset), trained with augmentation;
 3. its flows for every training pair, extracted into ``Teacher_deformations/synthetic/``;
-4. the 1-cascade LDR student (LDR affine + 1 LDR), three ways with the same initial weights, pair
+4. the 1-cascade LDR student (LDR affine + 1 LDR), four ways with the same initial weights, pair
    sequence, steps and seed, all without augmentation (stored teacher flows belong to the unaugmented
    pairs): ``plain`` (reconstruction loss only; run as ``--distill l2 --gamma 1`` so it reads the
-   identical pair sequence), ``l2`` (``--distill l2``) and ``aldk`` (``--aldk``, defaults beta 0.1,
-   gamma 0.3, lamb 0.1), both distilled runs with ``--gamma`` (default 0.3);
-5. ``eval.py`` of all four on the held-out pairs, plus forward time on the CPU at ``--size`` (from
+   identical pair sequence), ``l2`` (``--distill l2``), ``aldk`` (``--aldk`` with the LDR_ALDK
+   defaults beta 0.1, lamb 0.1 and the paper's squared score difference) and ``aldk_wgan``
+   (``--aldk --lamb 10 --adv_loss wgan``, the usual WGAN-GP recipe), all distilled runs with
+   ``--gamma`` (default 0.3);
+5. ``eval.py`` of the teacher and the students on the held-out pairs, plus forward time on the CPU at ``--size`` (from
    eval.py) and at 128^3 (median of ``--time_runs`` after a warm-up, random input).
 
 Finished stages are reused (a run whose final checkpoint exists is not retrained). The table is printed
@@ -122,14 +124,16 @@ def main(argv=None):
     student = ["-b", "LDR", "-n", "1", "--lr", str(args.student_lr), "--no_augment", "--pretrained_flow_path", store]
     runs = {"plain": student + ["--distill", "l2", "--gamma", "1"],
             "l2": student + ["--distill", "l2", "--gamma", str(args.gamma)],
-            "aldk": student + ["--aldk", "--gamma", str(args.gamma)]}
+            "aldk": student + ["--aldk", "--gamma", str(args.gamma)],
+            "aldk_wgan": student + ["--aldk", "--gamma", str(args.gamma), "--lamb", "10", "--adv_loss", "wgan"]}
     for name, extra in runs.items():
         train(work, f"student_{name}", args.student_steps, extra, args)
 
     rows = [("teacher: affine + %d-cas %s" % (args.teacher_cascades, args.teacher_base), teacher, args.teacher_steps),
             ("student: 1-cas LDR, plain", "student_plain", args.student_steps),
             ("student: 1-cas LDR + L2 distillation", "student_l2", args.student_steps),
-            ("student: 1-cas LDR + ALDK", "student_aldk", args.student_steps)]
+            ("student: 1-cas LDR + ALDK (seed defaults: lamb 0.1, paper loss)", "student_aldk", args.student_steps),
+            ("student: 1-cas LDR + ALDK (lamb 10, wgan loss)", "student_aldk_wgan", args.student_steps)]
     results = []
     for label, name, steps in rows:
         r = evaluate(work, name, steps, args)
