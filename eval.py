@@ -4,7 +4,7 @@
 
 Writes ``evaluate/<name>.txt`` (one line per pair, then a Summary block of mean (std)), and
 ``evaluate/<name>.json`` / ``.csv`` with every pair's metrics, the model config, parameter count and
-mean seconds per pair (model forward only, after one warm-up batch).
+mean seconds per pair (fast-path registration, flow + warped image, after one warm-up batch).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 
 from data_util import DatasetError, RCNDataset, make_loader
 from network import CheckpointError, SizeError, build_model, count_parameters, load_checkpoint
+from network.inference import prepare, register, tune_allocator
 from network.metrics import METRIC_KEYS, pair_metrics, summarise
 from train import fail, resolve_device, stored_dataset, to_device
 
@@ -121,7 +122,8 @@ def main(argv=None):
                             f"{tuple(model.config.image_size)}")
     except (SizeError, ValueError, RuntimeError) as e:
         fail(f"{state['path']}: {str(e).splitlines()[0]}")
-    model = model.to(device).eval()
+    model = prepare(model.to(device))
+    tune_allocator()
     n_params = count_parameters(model)
     class_values = list(dataset.segmentation_class_value.values()) if dataset.segmentation_class_value else None
     run = os.path.basename(os.path.dirname(os.path.abspath(state["path"])))
@@ -137,12 +139,12 @@ def main(argv=None):
             for batch in tqdm(loader, disable=None, dynamic_ncols=True):
                 batch = to_device(batch, device)
                 if not warmed:
-                    model(batch["voxel1"], batch["voxel2"])
+                    register(model, batch["voxel1"], batch["voxel2"])
                     warmed = True
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                flow = model(batch["voxel1"], batch["voxel2"])["flow"]
+                flow = register(model, batch["voxel1"], batch["voxel2"])["flow"]
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = (time.perf_counter() - t) / flow.shape[0]

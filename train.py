@@ -19,15 +19,15 @@ import torch
 
 from data_util import DatasetError, RCNDataset, augment_moving, make_loader
 from data_util.teacher_flows import TeacherFlowError
-from network import (CheckpointError, DEFAULT_PRESET, PRESETS, ModelConfig, RegistrationLoss, SizeError,
-                     build_model, count_parameters, load_checkpoint, save_checkpoint)
+from network import (DEFORMABLE_NETWORKS, CheckpointError, DEFAULT_PRESET, PRESETS, ModelConfig, RegistrationLoss,
+                     SizeError, build_model, count_parameters, load_checkpoint, save_checkpoint)
 from network.losses import SIMILARITY
 from network.metrics import pair_metrics, summarise
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-b", "--base_network", default="VTN", choices=sorted(["LDR", "VTN", "VoxelMorph"]),
+    p.add_argument("-b", "--base_network", default="VTN", choices=sorted(DEFORMABLE_NETWORKS),
                    help="deformable base network of each cascade")
     p.add_argument("-n", "--n_cascades", type=int, default=1, help="number of deformable cascades")
     p.add_argument("-r", "--rep", type=int, default=None,
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="stem layout: rcn (VTN affine + n cascades), ldr-brain (LDR affine + n LDR), "
                         "ldr-liver (no affine, 2 LDR nets per cascade, the LDR_ALDK liver layout), plain "
-                        "(no affine). Default: " + ", ".join(f"{k} -> {v}" for k, v in DEFAULT_PRESET.items()))
+                        "(no affine), lite (n Lite cascades, our CPU-first student), lite-affine (LDR affine + n Lite). Default: " + ", ".join(f"{k} -> {v}" for k, v in DEFAULT_PRESET.items()))
     p.add_argument("--channels", type=int, default=16, help="base channel width c")
     p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
     p.add_argument("-c", "--checkpoint", default=None, help="resume from DIR[:STEP] or a ckpt_<step>.pt file")

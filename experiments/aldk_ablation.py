@@ -1,6 +1,7 @@
-"""ALDK ablation on synthetic data: teacher -> extracted flows -> LDR student plain / + L2 / + ALDK.
+"""ALDK ablation on synthetic data: teacher -> extracted flows -> student plain / + L2 / + ALDK.
 
 ``python experiments/aldk_ablation.py [--size 64] [--teacher_steps 2000] [--student_steps 1000]``
+``python experiments/aldk_ablation.py --student_base Lite [--student_preset lite-affine] --runs plain,l2,aldk``
 
 A benchmark, not a test: it runs the project's own commands (``data_util.synthetic``, ``train.py``,
 ``extract_teacher.py``, ``eval.py``) inside ``--work`` (default ``runs/aldk_ablation``, ignored by git):
@@ -8,7 +9,7 @@ A benchmark, not a test: it runs the project's own commands (``data_util.synthet
 1. synthetic data (``--train`` training scans -> all ordered pairs, ``--val`` held-out scans);
 2. the teacher: affine + ``--teacher_cascades`` VTN cascades (RCN preset), trained with augmentation;
 3. its flows for every training pair, extracted into ``Teacher_deformations/synthetic/``;
-4. the 1-cascade LDR student (LDR affine + 1 LDR), four ways with the same initial weights, pair
+4. the 1-cascade student (default LDR affine + 1 LDR; ``--student_base``/``--student_preset``), up to four ways with the same initial weights, pair
    sequence, steps and seed, all without augmentation (stored teacher flows belong to the unaugmented
    pairs): ``plain`` (reconstruction loss only; run as ``--distill l2 --gamma 1`` so it reads the
    identical pair sequence), ``l2`` (``--distill l2``), ``aldk`` (``--aldk`` with the LDR_ALDK
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher_cascades", type=int, default=2)
     p.add_argument("--teacher_steps", type=int, default=2000)
     p.add_argument("--teacher_lr", type=float, default=2e-4)
+    p.add_argument("--student_base", default="LDR", help="student base network (-b), e.g. LDR or Lite")
+    p.add_argument("--student_preset", default=None, help="student preset (default: the base network's)")
+    p.add_argument("--runs", default="plain,l2,aldk,aldk_wgan", help="student variants to train, comma-separated")
     p.add_argument("--student_steps", type=int, default=1000)
     p.add_argument("--student_lr", type=float, default=3e-4)
     p.add_argument("--gamma", type=float, default=0.3, help="gamma of the l2 and aldk students")
@@ -121,19 +125,29 @@ def main(argv=None):
     if not os.path.exists(os.path.join(work, store)):
         run([os.path.join(ROOT, "extract_teacher.py"), "-c", f"weights/{teacher}:{args.teacher_steps}",
              "--out", store, "--workers", str(args.workers)], work)
-    student = ["-b", "LDR", "-n", "1", "--lr", str(args.student_lr), "--no_augment", "--pretrained_flow_path", store]
-    runs = {"plain": student + ["--distill", "l2", "--gamma", "1"],
-            "l2": student + ["--distill", "l2", "--gamma", str(args.gamma)],
-            "aldk": student + ["--aldk", "--gamma", str(args.gamma)],
-            "aldk_wgan": student + ["--aldk", "--gamma", str(args.gamma), "--lamb", "10", "--adv_loss", "wgan"]}
-    for name, extra in runs.items():
-        train(work, f"student_{name}", args.student_steps, extra, args)
+    student = ["-b", args.student_base, "-n", "1", "--lr", str(args.student_lr), "--no_augment",
+               "--pretrained_flow_path", store]
+    if args.student_preset:
+        student += ["--preset", args.student_preset]
+    variants = {"plain": (student + ["--distill", "l2", "--gamma", "1"], "plain"),
+                "l2": (student + ["--distill", "l2", "--gamma", str(args.gamma)], "+ L2 distillation"),
+                "aldk": (student + ["--aldk", "--gamma", str(args.gamma)], "+ ALDK (seed defaults: lamb 0.1, paper loss)"),
+                "aldk_wgan": (student + ["--aldk", "--gamma", str(args.gamma), "--lamb", "10", "--adv_loss", "wgan"],
+                              "+ ALDK (lamb 10, wgan loss)")}
+    chosen = [v.strip() for v in args.runs.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - set(variants))
+    if unknown:
+        raise SystemExit(f"aldk_ablation.py: error: unknown --runs {unknown}; choose from {sorted(variants)}")
+    # the LDR students keep their original run names so earlier runs are reused
+    tag = "" if (args.student_base, args.student_preset) == ("LDR", None) else \
+        f"{args.student_base}{'_' + args.student_preset if args.student_preset else ''}_"
+    described = f"1-cas {args.student_base}" + (f" ({args.student_preset})" if args.student_preset else "")
+    for name in chosen:
+        train(work, f"student_{tag}{name}", args.student_steps, variants[name][0], args)
 
-    rows = [("teacher: affine + %d-cas %s" % (args.teacher_cascades, args.teacher_base), teacher, args.teacher_steps),
-            ("student: 1-cas LDR, plain", "student_plain", args.student_steps),
-            ("student: 1-cas LDR + L2 distillation", "student_l2", args.student_steps),
-            ("student: 1-cas LDR + ALDK (seed defaults: lamb 0.1, paper loss)", "student_aldk", args.student_steps),
-            ("student: 1-cas LDR + ALDK (lamb 10, wgan loss)", "student_aldk_wgan", args.student_steps)]
+    rows = [("teacher: affine + %d-cas %s" % (args.teacher_cascades, args.teacher_base), teacher, args.teacher_steps)]
+    rows += [(f"student: {described}{', ' if name == 'plain' else ' '}{variants[name][1]}", f"student_{tag}{name}",
+              args.student_steps) for name in chosen]
     results = []
     for label, name, steps in rows:
         r = evaluate(work, name, steps, args)
@@ -166,8 +180,9 @@ def main(argv=None):
              f"seed {args.seed}, no augmentation, gamma {args.gamma}; torch {torch.__version__}, "
              f"{torch.get_num_threads()} CPU threads; total {(time.time() - t_start) / 60:.0f} min")
     print("\n" + setup + "\n\n" + table)
-    write_atomic(os.path.join(work, "aldk_ablation.md"), setup + "\n\n" + table + "\n")
-    write_atomic(os.path.join(work, "aldk_ablation.json"), json.dumps({"setup": vars(args), "rows": results}, indent=2))
+    stem = "aldk_ablation" + (f"_{tag.rstrip('_')}" if tag else "")
+    write_atomic(os.path.join(work, stem + ".md"), setup + "\n\n" + table + "\n")
+    write_atomic(os.path.join(work, stem + ".json"), json.dumps({"setup": vars(args), "rows": results}, indent=2))
     return 0
 
 

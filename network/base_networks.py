@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import Conv3d, upsample_flow
+
 
 class SizeError(ValueError):
     """An input size a network cannot process (not divisible by its stride, or too small)."""
@@ -28,13 +30,13 @@ def check_size(shape, stride: int, name: str, minimum: int | None = None) -> Non
 
 def conv_lrelu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
     """3D convolution (same padding) followed by LeakyReLU(0.1), as in the TF references."""
-    return nn.Sequential(nn.Conv3d(cin, cout, kernel, stride, padding=kernel // 2),
+    return nn.Sequential(Conv3d(cin, cout, kernel, stride, padding=kernel // 2),
                          nn.LeakyReLU(0.1, inplace=True))
 
 
-def flow_conv(cin: int) -> nn.Conv3d:
+def flow_conv(cin: int) -> Conv3d:
     """Final 3x3x3 convolution to a 3-channel flow, initialised N(0, 1e-5) so training starts near identity."""
-    conv = nn.Conv3d(cin, 3, 3, padding=1)
+    conv = Conv3d(cin, 3, 3, padding=1)
     nn.init.normal_(conv.weight, 0.0, 1e-5)
     nn.init.zeros_(conv.bias)
     return conv
@@ -105,6 +107,67 @@ class LDR(UNetFlow):
         super().__init__([2 * c, 2 * c, 2 * c, c], [2 * c] * 4 + [c, c, c], flow_multiplier)
 
 
+class Lite(nn.Module):
+    """CPU-first student (ours): downsample at once, stay narrow, predict the flow at 1/``2**flow_level``
+    resolution and upsample it trilinearly (:func:`~network.layers.upsample_flow`).
+
+    Widths at ``channels=c`` (c=16: 157,435 params; 3.5 GFLOP at 128^3 vs 110 for one LDR cascade):
+
+    ======  ==========================  =========  =====================
+    layer   op                          size       channels in -> out
+    ======  ==========================  =========  =====================
+    enc1    3^3 conv, stride 2, LReLU   1/2        2 -> c/2
+    enc2    3^3 conv, stride 2, LReLU   1/4        c/2 -> c
+    enc3    3^3 conv, stride 2, LReLU   1/8        c -> 2c
+    enc4    3^3 conv, stride 2, LReLU   1/16       2c -> 2c
+    dec4    3^3 conv, LReLU             1/16       2c -> 2c
+    dec3    up x2, concat enc3, conv    1/8        4c -> 2c
+    dec2    up x2, concat enc2, conv    1/4        3c -> c
+    dec2_1  3^3 conv, LReLU             1/4        c -> c
+    flow    3^3 conv (N(0, 1e-5) init)  1/4        c -> 3
+    (up)    trilinear x4, x4 voxels     1          3
+    ======  ==========================  =========  =====================
+
+    With ``flow_level=1`` two more decoder convs (up x2, concat enc1: 1.5c -> c/2, then c/2 -> c/2)
+    predict the flow at 1/2 resolution.
+    """
+
+    stride = 16
+
+    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0, flow_level: int = 2):
+        super().__init__()
+        if flow_level not in (1, 2):
+            raise ValueError("Lite flow_level must be 1 (half resolution) or 2 (quarter resolution)")
+        c, h = channels, max(channels // 2, 1)
+        self.flow_multiplier = flow_multiplier
+        self.flow_level = flow_level
+        self.enc1 = conv_lrelu(2, h, 2)
+        self.enc2 = conv_lrelu(h, c, 2)
+        self.enc3 = conv_lrelu(c, 2 * c, 2)
+        self.enc4 = conv_lrelu(2 * c, 2 * c, 2)
+        self.dec4 = conv_lrelu(2 * c, 2 * c)
+        self.dec3 = conv_lrelu(4 * c, 2 * c)
+        self.dec2 = conv_lrelu(3 * c, c)
+        self.dec2_1 = conv_lrelu(c, c)
+        if flow_level == 1:
+            self.dec1 = conv_lrelu(c + h, h)
+            self.dec1_1 = conv_lrelu(h, h)
+        self.flow = flow_conv(h if flow_level == 1 else c)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict:
+        check_size(fixed.shape[2:], self.stride, "Lite")
+        e1 = self.enc1(torch.cat([fixed, moving], dim=1))
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        net = self.dec4(self.enc4(e3))
+        net = self.dec3(torch.cat([upsample2(net), e3], 1))
+        net = self.dec2_1(self.dec2(torch.cat([upsample2(net), e2], 1)))
+        if self.flow_level == 1:
+            net = self.dec1_1(self.dec1(torch.cat([upsample2(net), e1], 1)))
+        flow = self.flow(net) * self.flow_multiplier
+        return {"flow": upsample_flow(flow, 2 ** self.flow_level)}
+
+
 def vtn_encoder(c: int) -> nn.ModuleDict:
     """VTN encoder conv1..conv6_1, widths c..32c, total stride 64."""
     widths = [("conv1", 2, c, 2), ("conv2", c, 2 * c, 2),
@@ -137,7 +200,7 @@ class VTN(nn.Module):
         self.upsamp = nn.ModuleList()
         self.deconv = nn.ModuleList()
         for skip in skips:
-            self.pred.append(nn.Conv3d(cin, 3, 3, padding=1))
+            self.pred.append(Conv3d(cin, 3, 3, padding=1))
             self.upsamp.append(up4(3, 3))
             self.deconv.append(nn.Sequential(up4(cin, skip), nn.LeakyReLU(0.1, inplace=True)))
             cin = 2 * skip + 3
@@ -171,8 +234,8 @@ class _AffineHead(nn.Module):
     def __init__(self, cin: int, kernel, flow_multiplier: float):
         super().__init__()
         self.flow_multiplier = flow_multiplier
-        self.conv_W = nn.Conv3d(cin, 9, tuple(kernel), bias=False)
-        self.conv_b = nn.Conv3d(cin, 3, tuple(kernel), bias=False)
+        self.conv_W = Conv3d(cin, 9, tuple(kernel), bias=False)
+        self.conv_b = Conv3d(cin, 3, tuple(kernel), bias=False)
         for conv in (self.conv_W, self.conv_b):
             nn.init.normal_(conv.weight, 0.0, 1e-5)
 
@@ -235,7 +298,7 @@ class LDRAffine(nn.Module):
         return self.head(x, shape)
 
 
-DEFORMABLE_NETWORKS = {"LDR": LDR, "VTN": VTN, "VoxelMorph": VoxelMorph}
+DEFORMABLE_NETWORKS = {"LDR": LDR, "VTN": VTN, "VoxelMorph": VoxelMorph, "Lite": Lite}
 AFFINE_NETWORKS = {"VTNAffine": VTNAffine, "LDRAffine": LDRAffine}
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .base_networks import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, SizeError, check_size
-from .layers import SpatialTransformer
+from .layers import SpatialTransformer, compose_flows
 
 # preset -> (affine stem or None, deformable networks per cascade, multiplier rule)
 PRESETS = {
@@ -27,9 +27,12 @@ PRESETS = {
     # LDR_ALDK liver: no affine, every cascade is two LDR nets, multiplier 1/(n+1)
     "ldr-liver": {"affine": None, "nets_per_cascade": 2, "allowed": ("LDR",)},
     # no affine stem, n cascades of the base network, multiplier 1/n
-    "plain": {"affine": None, "nets_per_cascade": 1, "allowed": ("VTN", "VoxelMorph", "LDR")},
+    "plain": {"affine": None, "nets_per_cascade": 1, "allowed": ("VTN", "VoxelMorph", "LDR", "Lite")},
+    # ours, CPU-first: n Lite cascades, no affine stem (or LDR's light affine stem first), multiplier 1/n
+    "lite": {"affine": None, "nets_per_cascade": 1, "allowed": ("Lite",)},
+    "lite-affine": {"affine": "LDRAffine", "nets_per_cascade": 1, "allowed": ("Lite",)},
 }
-DEFAULT_PRESET = {"LDR": "ldr-brain", "VTN": "rcn", "VoxelMorph": "rcn"}
+DEFAULT_PRESET = {"LDR": "ldr-brain", "VTN": "rcn", "VoxelMorph": "rcn", "Lite": "lite"}
 
 
 @dataclass
@@ -76,6 +79,19 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def compose_stage(agg: torch.Tensor | None, flow: torch.Tensor, affine: dict | None = None) -> torch.Tensor:
+    """Aggregate flow after a deformable stage: ``flow`` applied after ``agg`` (DESIGN.md §2).
+
+    Right after an affine stem (``affine`` given) the composition is exact and needs no resampling:
+    ``A (x + u(x)) + b - x = affine(x) + A u(x)``.
+    """
+    if agg is None:
+        return flow
+    if affine is not None:
+        return affine["flow"] + torch.einsum("bij,bj...->bi...", affine["A"], flow)
+    return compose_flows(agg, flow)
 
 
 class RecursiveCascadeNetwork(nn.Module):
@@ -142,13 +158,7 @@ class RecursiveCascadeNetwork(nn.Module):
                 warped_all.append(warped)
         for k, net in enumerate(self.stages(rep)):
             flow = net(fixed, warped)["flow"]
-            if agg is None:
-                agg = flow
-            elif k == 0 and affine is not None:
-                # exact composition with a linear map: A (x + u(x)) + b - x = affine(x) + A u(x)
-                agg = affine["flow"] + torch.einsum("bij,bj...->bi...", affine["A"], flow)
-            else:
-                agg = warp.compose(agg, flow)
+            agg = compose_stage(agg, flow, affine if k == 0 else None)
             flows.append(flow)
             agg_flows.append(agg)
             deformable.append(True)

@@ -1,10 +1,10 @@
 """Tests for network/layers.py: pull-back warp, flow composition, point sampling (DESIGN.md §2)."""
 import math
 
-
 import pytest
 import torch
 
+from network import layers
 from network.layers import (SpatialTransformer, compose_flows, identity_grid,
                             sample_flow_at_points, warp)
 
@@ -257,25 +257,57 @@ def test_sample_linear_flow_is_exact_anywhere_inside():
 # SpatialTransformer
 # ------------------------------------------------------------------------------------------------
 
-def test_spatial_transformer_cache_matches_warp():
+def test_spatial_transformer_matches_warp_and_grid_is_cached():
     st = SpatialTransformer()
     img = rand_image()
     flow = 1.5 * rand_image(channels=3, seed=7) - 0.5
     out1 = st(img, flow)
-    grid1 = st._grid
-    out2 = st(img, flow)
-    assert st._grid is grid1  # cached, not rebuilt
+    base = layers._base_grid(flow.shape[2:], flow.device, flow.dtype)[0]
+    assert torch.equal(out1, st(img, flow))
+    assert layers._base_grid(flow.shape[2:], flow.device, flow.dtype)[0] is base  # cached, not rebuilt
     assert torch.allclose(out1, warp(img, flow), atol=1e-12)
-    assert torch.equal(out1, out2)
-    # a different shape rebuilds the grid and still matches warp
     img2 = rand_image(shape=(5, 6, 4))
     flow2 = rand_image(shape=(5, 6, 4), channels=3, seed=8)
     assert torch.allclose(st(img2, flow2), warp(img2, flow2), atol=1e-12)
-    assert st._grid.shape == (1, 3, 5, 6, 4)
-    # and going back to the first shape is right again (not the stale grid)
-    assert torch.allclose(st(img, flow), warp(img, flow), atol=1e-12)
-    assert torch.allclose(st.compose(flow, flow), compose_flows(flow, flow), atol=1e-12)
 
+
+def _reference_warp(image, flow, mode="bilinear"):
+    """Plain grid_sample with a flipped (z, y, x) grid: the textbook formulation, no caching or slabs."""
+    grid = layers.identity_grid(flow.shape[2:], dtype=flow.dtype) + flow
+    sample = layers._normalised_grid(grid, flow.shape[2:])
+    return torch.nn.functional.grid_sample(image, sample, mode=mode, padding_mode="border", align_corners=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_warp_slabs_match_reference(threads, channels):
+    """The parallel-slab CPU path (no autograd) equals the single-call path and the textbook warp."""
+    img = rand_image(shape=(6, 5, 7), batch=1, channels=channels, seed=3)
+    flow = 3.0 * rand_image(shape=(6, 5, 7), batch=1, channels=3, seed=4) - 1.5
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert layers._cpu_split(img, flow) == {1: 1, 2: 2, 3: 3}[threads]   # 6 slices: 1, 2 or 3 slabs
+        with torch.no_grad():
+            fast = warp(img, flow)
+            near = warp(img, flow, mode="nearest")
+    finally:
+        torch.set_num_threads(old)
+    single = warp(img, flow.clone().requires_grad_(True)).detach()      # autograd: one grid_sample call
+    assert torch.equal(fast, single)
+    assert torch.allclose(fast, _reference_warp(img, flow), atol=1e-5)
+    assert torch.allclose(near, _reference_warp(img, flow, "nearest"), atol=1e-6) or \
+        (near != _reference_warp(img, flow, "nearest")).float().mean() < 0.01   # rounding ties only
+
+
+def test_warp_grid_usable_under_inference_then_autograd():
+    img = rand_image(shape=(4, 4, 4))
+    flow = rand_image(shape=(4, 4, 4), channels=3, seed=9)
+    with torch.inference_mode():
+        warp(img, flow)                                   # first use of this shape builds the cache here
+    f = flow.clone().requires_grad_(True)
+    warp(img, f).sum().backward()                         # the cached grid is not an inference tensor
+    assert f.grad is not None and torch.isfinite(f.grad).all()
 
 def test_spatial_transformer_nearest_mode():
     st = SpatialTransformer(mode="nearest")
@@ -310,3 +342,19 @@ def test_compose_and_sample_shape_errors():
         sample_flow_at_points(torch.zeros(1, 3, 4, 4, 4), torch.zeros(5, 3))
     with pytest.raises(ValueError):
         sample_flow_at_points(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 5, 3))
+
+
+def test_torch_export_does_not_poison_the_grid_caches():
+    """torch.export traces with fake tensors; the warp and upsampling caches must not keep them."""
+    class Net(torch.nn.Module):
+        def forward(self, image, flow):
+            return warp(image, layers.upsample_flow(flow, 2))
+
+    layers._BASE_GRIDS.clear()
+    layers._INTERP.clear()
+    image = torch.rand(1, 1, 6, 4, 8)
+    flow = torch.rand(1, 3, 3, 2, 4)
+    torch.export.export(Net(), (image, flow))
+    assert not layers._BASE_GRIDS and not layers._INTERP
+    out = Net()(image, flow)
+    assert type(out) is torch.Tensor and torch.isfinite(out).all()
