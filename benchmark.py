@@ -34,12 +34,12 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
 from network import DEFORMABLE_NETWORKS, ModelConfig, build_model, count_parameters, layers
+from network.checkpoint import atomic_write_text
 from network.inference import prepare, register, set_threads, tune_allocator
 
 # key -> (label, ModelConfig keywords)
@@ -302,20 +302,6 @@ def machine_throughput(device) -> dict:
     return out
 
 
-def write_atomic(path, text):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv=None):
     args = parse_args(argv)
     threads = set_threads(args.threads)
@@ -352,7 +338,7 @@ def main(argv=None):
                         "rows": rows, "table": table})
         del cases
     setup["seconds_total"] = time.time() - started
-    write_atomic(args.json, json.dumps({"setup": setup, "results": results}, indent=2))
+    atomic_write_text(args.json, json.dumps({"setup": setup, "results": results}, indent=2))
     print(f"\nwritten {args.json} ({setup['seconds_total']:.0f} s in all)")
     return 0
 

@@ -15,13 +15,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import torch
 
 from data_util import DatasetError, RCNDataset, make_loader
 from network import CheckpointError, SizeError, build_model, count_parameters, load_checkpoint
+from network.checkpoint import atomic_write_text
 from network.inference import prepare, register, tune_allocator
 from network.metrics import METRIC_KEYS, pair_metrics, summarise
 from train import fail, resolve_device, stored_dataset, to_device
@@ -43,20 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     return p.parse_args(argv)
-
-
-def write_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def fmt(v: float) -> str:
@@ -162,10 +148,10 @@ def main(argv=None):
             "seconds_per_pair": sum(times) / len(times), "device": str(device), "batch": args.batch,
             "threads": torch.get_num_threads()}
     base = os.path.join(args.out_dir, name)
-    write_atomic(base + ".json", json.dumps({"info": info, "summary": {k: {"mean": m, "std": s, "n": n}
+    atomic_write_text(base + ".json", json.dumps({"info": info, "summary": {k: {"mean": m, "std": s, "n": n}
                                             for k, (m, s, n) in summary.items()}, "pairs": rows}, indent=1))
-    write_atomic(base + ".csv", render_csv(rows))
-    write_atomic(base + ".txt", render_txt(rows, summary, info))
+    atomic_write_text(base + ".csv", render_csv(rows))
+    atomic_write_text(base + ".txt", render_txt(rows, summary, info))
     print(f"Dice {fmt(summary['dice'][0])} ({fmt(summary['dice'][1])}), before registration "
           f"{fmt(summary['dice_before'][0])}; Jacc {fmt(summary['jacc'][0])}; landmark dist "
           f"{fmt(summary['landmark_dist'][0])} (before {fmt(summary['landmark_dist_before'][0])}); "

@@ -30,11 +30,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from network.checkpoint import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -100,13 +101,6 @@ def time_forward(model_config: dict, size: int, runs: int) -> tuple:
             model(x, x)
             times.append(time.perf_counter() - t0)
     return statistics.median(times), count_parameters(model)
-
-
-def write_atomic(path, text):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -181,8 +175,8 @@ def main(argv=None):
              f"{torch.get_num_threads()} CPU threads; total {(time.time() - t_start) / 60:.0f} min")
     print("\n" + setup + "\n\n" + table)
     stem = "aldk_ablation" + (f"_{tag.rstrip('_')}" if tag else "")
-    write_atomic(os.path.join(work, stem + ".md"), setup + "\n\n" + table + "\n")
-    write_atomic(os.path.join(work, stem + ".json"), json.dumps({"setup": vars(args), "rows": results}, indent=2))
+    atomic_write_text(os.path.join(work, stem + ".md"), setup + "\n\n" + table + "\n")
+    atomic_write_text(os.path.join(work, stem + ".json"), json.dumps({"setup": vars(args), "rows": results}, indent=2))
     return 0
 
 

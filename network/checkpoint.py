@@ -40,6 +40,21 @@ def atomic_save(obj, path: str) -> None:
         raise
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file in ``path``'s folder, then rename it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_checkpoint(folder: str, model, model_config: dict, step: int, epoch: int = 0,
                     optimizer=None, train_args: dict | None = None, extra: dict | None = None) -> str:
     path = os.path.join(folder, f"ckpt_{step}.pt")
