@@ -195,14 +195,6 @@ def tracing_mode():
         yield
 
 
-def warm_caches(module, example) -> None:
-    """Run ``module`` once eagerly so :mod:`network.layers` caches its sampling grid and upsampling
-    matrices for this shape before any export. ``torch.export`` (ONNX dynamo) runs the model on fake
-    tensors, and a cold cache would then keep fake tensors and break later eager calls."""
-    with torch.no_grad():
-        module(*example)
-
-
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
@@ -213,7 +205,6 @@ def first_line(e: BaseException) -> str:
 def export_torchscript(module, example, path: str) -> None:
     """``torch.jit.trace`` ``module`` on ``example`` = ``(fixed, moving)`` and save it atomically.
     Raises :class:`ExportError` if tracing or saving fails."""
-    warm_caches(module, example)
     try:
         with tracing_mode():
             # check_trace re-runs and re-traces; the export check (on another pair) is stronger
@@ -255,7 +246,6 @@ def export_onnx(module, example, path: str, exporter: str = "dynamo") -> None:
     """Export ``module`` to ONNX (opset 20, static shapes, inputs ``fixed``/``moving``, outputs
     ``flow``/``warped``), atomically. Raises :class:`ExportError` on any exporter failure."""
     require_packages(onnx_packages(exporter))
-    warm_caches(module, example)
     names = dict(input_names=["fixed", "moving"], output_names=["flow", "warped"], opset_version=ONNX_OPSET)
     try:
         with tracing_mode(), atomic_output(path) as tmp:
