@@ -188,11 +188,18 @@ class LazyWriter:
         self.log_dir = log_dir
         self._writer = None
 
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
+    def _get(self):
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(self.log_dir)
-        self._writer.add_scalar(tag, value, step)
+        return self._writer
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._get().add_scalar(tag, value, step)
+
+    def add_image(self, tag: str, img_chw_uint8, step: int) -> None:
+        """Log a uint8 ``(C, H, W)`` image (e.g. :func:`network.visualization.tensorboard_panel`)."""
+        self._get().add_image(tag, img_chw_uint8, step, dataformats="CHW")
 
     def close(self) -> None:
         if self._writer is not None:
@@ -200,16 +207,25 @@ class LazyWriter:
 
 
 @torch.no_grad()
-def validate(model, loader, device, class_values, rep=None) -> dict:
-    """Mean metrics over the validation pairs (same metrics module as ``eval.py``)."""
+def validate(model, loader, device, class_values, rep=None):
+    """``(metrics, panel)``: mean metrics over the validation pairs (same metrics module as ``eval.py``)
+    and the :func:`~network.visualization.tensorboard_panel` uint8 ``(1, H, W)`` of the first pair
+    (``None`` if the loader is empty). The panel reuses the first batch's forward pass (eval mode,
+    each pair is registered independently), so it costs one grid warp."""
+    from network.visualization import tensorboard_panel
+
     model.eval()
-    rows = []
-    for batch in loader:
-        batch = to_device(batch, device)
-        out = model(batch["voxel1"], batch["voxel2"], rep=rep)
-        rows += pair_metrics(batch, out["flow"], class_values)
-    model.train()
-    return {k: v[0] for k, v in summarise(rows).items()}
+    rows, panel = [], None
+    try:
+        for batch in loader:
+            batch = to_device(batch, device)
+            out = model(batch["voxel1"], batch["voxel2"], rep=rep)
+            rows += pair_metrics(batch, out["flow"], class_values)
+            if panel is None:
+                panel = tensorboard_panel(batch["voxel1"][0], batch["voxel2"][0], out["warped"][0], out["flow"][0])
+    finally:
+        model.train()
+    return {k: v[0] for k, v in summarise(rows).items()}, panel
 
 
 def distillation_step(distiller, teacher, batch, student_flow, rec_loss, rec_comps, step):
@@ -347,10 +363,12 @@ def main(argv=None):
                 shown = {k: f"{comps[k].item():.4f}" for k in ("sim", "rec_sim", "adv", "l2", "wdist") if k in comps}
                 bar.set_postfix(loss=f"{loss.item():.4f}", **shown)
             if val_loader is not None and (step % args.val_steps == 0 or step == total_steps):
-                metrics = validate(model, val_loader, device, class_values)
+                metrics, panel = validate(model, val_loader, device, class_values)
                 for k, v in metrics.items():
                     if math.isfinite(v):
                         writer.add_scalar(f"val/{k}", v, step)
+                if panel is not None:
+                    writer.add_image("val/panel", panel, step)
                 tqdm.write(f"step {step}: val dice {metrics['dice']:.4f} (before {metrics['dice_before']:.4f}) "
                            f"jacc {metrics['jacc']:.4f} jac_nonpos {metrics['jac_nonpos_pct']:.3f}%")
             if step % args.save_steps == 0 or step == total_steps:

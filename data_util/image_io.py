@@ -1,0 +1,291 @@
+"""Reading and writing medical images: NIfTI files and DICOM series, with their world geometry.
+
+Every image becomes a :class:`Volume`: a 3-D array indexed ``(i, j, k)`` plus a 4x4 ``affine`` that
+maps voxel indices to world coordinates in millimetres, **RAS+** (x towards the patient's Right,
+y Anterior, z Superior), nibabel's convention. DICOM's LPS+ patient coordinates are converted on
+reading (x and y negated).
+
+Errors are :class:`ImageError` with one line naming the file and the problem.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class ImageError(Exception):
+    """An image, label map or landmark file that cannot be used (the message names the file)."""
+
+
+@dataclass
+class Volume:
+    """A 3-D image on a world grid.
+
+    ``data``: ``(X, Y, Z)`` array (float32 for images, int32 for label maps);
+    ``affine``: ``(4, 4)`` voxel index -> world RAS+ mm; ``path``: where it came from;
+    ``meta``: reader facts (``format``, DICOM ``modality``, the NIfTI header to copy into outputs).
+    """
+    data: np.ndarray
+    affine: np.ndarray
+    path: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each array axis."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(0))
+
+    @property
+    def axcodes(self) -> str:
+        import nibabel as nib
+        return "".join(nib.aff2axcodes(self.affine))
+
+    def describe(self) -> str:
+        return (f"{self.shape} voxels, spacing {tuple(round(float(v), 3) for v in self.spacing)} mm, "
+                f"orientation {self.axcodes}")
+
+
+def _is_nifti(path: str) -> bool:
+    return path.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _to_3d(data: np.ndarray, path: str) -> np.ndarray:
+    """Drop trailing singleton axes; refuse 2-D images and true 4-D series."""
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim < 3 or min(data.shape) < 2:
+        raise ImageError(f"{path}: a 2-D image (shape {data.shape}); a 3-D volume is needed")
+    if data.ndim > 3:
+        raise ImageError(f"{path}: a {data.ndim}-D image (shape {data.shape}); a single 3-D volume is needed")
+    return data
+
+
+def _check_values(data: np.ndarray, path: str, label: bool) -> np.ndarray:
+    if not np.isfinite(data).all():
+        raise ImageError(f"{path}: contains {int((~np.isfinite(data)).sum())} NaN/Inf voxels")
+    if not label:
+        return data.astype(np.float32, copy=False)
+    rounded = np.rint(data)
+    if np.abs(rounded - data).max(initial=0) > 1e-3:
+        raise ImageError(f"{path}: not a label map (non-integer values, e.g. {data[np.abs(rounded - data) > 1e-3][0]})")
+    if rounded.min(initial=0) < 0:
+        raise ImageError(f"{path}: label map has negative values")
+    return rounded.astype(np.int32)
+
+
+def load_nifti(path: str, label: bool = False) -> Volume:
+    import nibabel as nib
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as e:
+        raise ImageError(f"{path}: not a readable NIfTI file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ImageError(f"{path}: header has a degenerate voxel-to-world affine")
+    data = _check_values(_to_3d(np.asarray(data), path), path, label)
+    return Volume(data, affine, path, {"format": "nifti", "header": img.header.copy()})
+
+
+# ---- DICOM ------------------------------------------------------------------------------------------
+
+def _dicom_files(folder: str):
+    """Yield ``(path, dataset)`` for every readable DICOM file directly in ``folder``."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            yield path, pydicom.dcmread(path)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            continue
+
+
+def load_dicom_series(folder: str, label: bool = False, series_uid: str | None = None) -> Volume:
+    """Read one DICOM series from ``folder`` (its files directly in it), slices sorted along the normal.
+
+    Array axes: ``i`` = column (along ImageOrientationPatient's row direction), ``j`` = row,
+    ``k`` = slice. Pixel values get RescaleSlope/Intercept (CT in HU).
+    """
+    if not os.path.isdir(folder):
+        raise ImageError(f"{folder}: not found")
+    series = {}
+    for path, ds in _dicom_files(folder):
+        if "PixelData" not in ds:
+            continue
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if not series:
+        raise ImageError(f"{folder}: no readable DICOM image files in this folder")
+    if series_uid is None and len(series) > 1:
+        raise ImageError(f"{folder}: holds {len(series)} DICOM series ({', '.join(sorted(series))}); "
+                         "pass one series per folder")
+    slices = series[series_uid] if series_uid is not None else next(iter(series.values()))
+    if len(slices) < 2:
+        raise ImageError(f"{folder}: a 2-D image (one DICOM slice); a 3-D series is needed")
+    first_path, first = slices[0]
+    for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+        if tag not in first:
+            raise ImageError(f"{first_path}: DICOM slice lacks {tag}; cannot place it in the world")
+    iop = np.array(first.ImageOrientationPatient, dtype=np.float64)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = []
+    for path, ds in slices:
+        if not np.allclose(np.array(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
+            raise ImageError(f"{path}: slice orientation differs from the rest of the series")
+        positions.append(np.array(ds.ImagePositionPatient, dtype=np.float64))
+    order = np.argsort([p @ normal for p in positions])
+    positions = np.array(positions)[order]
+    slices = [slices[k] for k in order]
+    gaps = np.diff(positions @ normal)
+    if gaps.min() < 1e-3:
+        raise ImageError(f"{folder}: two slices share one position; the series has duplicates")
+    if gaps.max() - gaps.min() > 0.01 * gaps.mean() + 1e-3:
+        raise ImageError(f"{folder}: uneven slice spacing ({gaps.min():.3f} to {gaps.max():.3f} mm); "
+                         "resample the series first")
+    try:
+        planes = []
+        for path, ds in slices:
+            pixels = ds.pixel_array.astype(np.float64)
+            slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+            planes.append(pixels.T * slope + intercept)            # (rows, cols) -> (i=col, j=row)
+        data = np.stack(planes, axis=-1)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as e:
+        raise ImageError(f"{path}: cannot decode the pixel data ({str(e).splitlines()[0]})") from None
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * col_spacing
+    affine_lps[:3, 1] = col_dir * row_spacing
+    affine_lps[:3, 2] = (positions[-1] - positions[0]) / (len(positions) - 1)
+    affine_lps[:3, 3] = positions[0]
+    data = _check_values(data, folder, label)
+    return Volume(data, LPS_TO_RAS @ affine_lps, folder,
+                  {"format": "dicom", "modality": str(first.get("Modality", "")).upper()})
+
+
+def load_image(path: str, label: bool = False) -> Volume:
+    """Load a NIfTI file (``.nii``/``.nii.gz``), a DICOM series folder, or the series of one DICOM file."""
+    if os.path.isdir(path):
+        return load_dicom_series(path, label)
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: file not found")
+    if _is_nifti(path):
+        return load_nifti(path, label)
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    try:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", ""))
+    except (InvalidDicomError, OSError, EOFError, ValueError):
+        raise ImageError(f"{path}: neither NIfTI (.nii/.nii.gz) nor a DICOM file or series folder") from None
+    return load_dicom_series(os.path.dirname(os.path.abspath(path)), label, series_uid=uid)
+
+
+def same_grid(a: Volume, b: Volume, tol: float = 1e-3) -> bool:
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=tol * max(1.0, float(a.spacing.min())))
+
+
+def load_label_for(image: Volume, path: str) -> Volume:
+    """Load a label map and require it to lie on ``image``'s grid (same shape and affine)."""
+    label = load_image(path, label=True)
+    if not same_grid(image, label):
+        raise ImageError(f"{path}: label map is on a different grid than {image.path} "
+                         f"(label {label.describe()}; image {image.describe()})")
+    return label
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+
+def _atomic_nibabel_save(img, path: str) -> None:
+    import nibabel as nib
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = ".nii.gz" if path.lower().endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_nifti(path: str, data: np.ndarray, reference: Volume, intent: str | None = None,
+               description: str = "") -> None:
+    """Write ``data`` (``(X, Y, Z, ...)``) on ``reference``'s grid: its affine, and its NIfTI header's
+    orientation codes when it came from a NIfTI file. Written to a temporary file, then renamed."""
+    import nibabel as nib
+    if tuple(data.shape[:3]) != reference.shape:
+        raise ValueError(f"data shape {data.shape[:3]} is not the reference grid {reference.shape}")
+    header = None
+    if reference.meta.get("format") == "nifti":
+        header = reference.meta["header"].copy()
+        header.set_data_dtype(data.dtype)
+    img = nib.Nifti1Image(data, reference.affine, header=header)
+    qcode = int(header["qform_code"]) if header is not None else 0
+    scode = int(header["sform_code"]) if header is not None else 0
+    img.set_qform(reference.affine, code=qcode or 1)
+    img.set_sform(reference.affine, code=scode or 1)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    if intent:
+        img.header.set_intent(intent)
+    if description:
+        img.header["descrip"] = description[:79].encode()
+    _atomic_nibabel_save(img, path)
+
+
+def read_landmarks(path: str, volume: Volume | None = None, units: str = "mm") -> np.ndarray:
+    """Landmarks ``(N, 3)`` in world RAS+ mm from a text/CSV file of three numbers per row.
+
+    A first line that is not numeric is taken as a header. ``units="voxel"`` reads voxel indices of
+    ``volume`` and maps them through its affine.
+    """
+    if not os.path.isfile(path):
+        raise ImageError(f"{path}: landmark file not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = [v for v in line.replace(",", " ").replace(";", " ").split() if v]
+            try:
+                values = [float(v) for v in fields]
+            except ValueError:
+                if not rows and n == 0:
+                    continue
+                raise ImageError(f"{path}: line {n + 1} is not three numbers: {line[:60]!r}") from None
+            if len(values) != 3 or not np.isfinite(values).all():
+                raise ImageError(f"{path}: line {n + 1} has {len(values)} values; three finite numbers expected")
+            rows.append(values)
+    if not rows:
+        raise ImageError(f"{path}: no landmarks in the file")
+    points = np.array(rows, dtype=np.float64)
+    if units == "voxel":
+        if volume is None:
+            raise ValueError("voxel landmarks need their volume")
+        points = apply_affine(volume.affine, points)
+    elif units != "mm":
+        raise ValueError(f"units must be 'mm' or 'voxel', got {units!r}")
+    return points
+
+
+def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``(N, 3)`` points through a 4x4 affine."""
+    return points @ affine[:3, :3].T + affine[:3, 3]

@@ -1,0 +1,206 @@
+"""Bringing scans onto a network's grid in world coordinates, and intensities into [0, 1].
+
+A :class:`Grid` is a voxel lattice placed in the world (``affine``: voxel -> RAS+ mm). The model grid
+is axis-aligned in the world with a chosen orientation (default ``LPS``: axis 0 towards the patient's
+left, 1 posterior, 2 superior, the layout of DICOM axial series and of ``data_util.synthetic``),
+isotropic spacing, and a fixed shape. :func:`resample` samples any :class:`Volume` on any grid with
+scipy, in chunks so original-resolution grids of any size fit in memory.
+
+:class:`Normalisation` maps intensities to [0, 1] (CT: window/level, RCN liver W 290 / L 120;
+MRI: robust percentiles of the foreground) and records its numbers so the mapping can be undone.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .image_io import ImageError, Volume
+
+AXIS_DIRECTIONS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0),
+                   "S": (0, 0, 1), "I": (0, 0, -1)}
+CT_WINDOW = (290.0, 120.0)            # width, level (HU): RCN's liver window
+MRI_PERCENTILES = (0.5, 99.5)
+_CHUNK_VOXELS = 1 << 21               # points sampled per scipy call
+
+
+@dataclass
+class Grid:
+    """A voxel lattice in the world: ``shape`` (X, Y, Z) and ``affine`` voxel -> RAS+ mm."""
+    shape: tuple
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(0))
+
+    def to_dict(self) -> dict:
+        return {"shape": [int(s) for s in self.shape], "affine": np.asarray(self.affine).tolist()}
+
+    @classmethod
+    def of(cls, volume: Volume) -> "Grid":
+        return cls(volume.shape, volume.affine)
+
+
+def orientation_matrix(axcodes: str) -> np.ndarray:
+    """3x3 matrix whose column ``c`` is the world (RAS+) direction axis ``c`` points to."""
+    codes = str(axcodes).upper()
+    if len(codes) != 3 or any(c not in AXIS_DIRECTIONS for c in codes) or \
+            {int(np.flatnonzero(AXIS_DIRECTIONS[c])[0]) for c in codes} != {0, 1, 2}:
+        raise ValueError(f"orientation must be three distinct axis letters out of R/L, A/P, S/I, got {axcodes!r}")
+    return np.array([AXIS_DIRECTIONS[c] for c in codes], dtype=np.float64).T
+
+
+def corners(volume: Volume | Grid) -> np.ndarray:
+    """World positions ``(8, 3)`` of the corner voxel centres."""
+    shape = np.asarray(volume.shape) - 1
+    ijk = np.array([[a, b, c] for a in (0, shape[0]) for b in (0, shape[1]) for c in (0, shape[2])], float)
+    return ijk @ volume.affine[:3, :3].T + volume.affine[:3, 3]
+
+
+def model_grid(reference: Volume, shape, spacing: float | None = None, orientation: str = "LPS",
+               center=None, box=None) -> Grid:
+    """An axis-aligned grid of ``shape`` voxels around ``reference``.
+
+    ``center``: world point at the grid centre (default: the centre of ``box`` or of the reference's
+    field of view). ``box``: ``(2, 3)`` world min/max corners to cover (default: the reference's field
+    of view). ``spacing`` (isotropic mm; default: the smallest that fits the box into ``shape``).
+    """
+    shape = tuple(int(s) for s in shape)
+    direction = orientation_matrix(orientation)
+    points = corners(reference) if box is None else np.asarray(box, dtype=np.float64)
+    if center is None:
+        center = (points.min(0) + points.max(0)) / 2
+    if spacing is None:
+        along = points @ direction                    # coordinates along the grid axes
+        extent = along.max(0) - along.min(0)
+        spacing = float(np.max(extent / (np.asarray(shape) - 1)))
+    if not spacing > 0:
+        raise ValueError(f"grid spacing must be positive, got {spacing}")
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing
+    affine[:3, 3] = np.asarray(center, dtype=np.float64) - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    return Grid(shape, affine)
+
+
+def grid_points(grid: Grid, start: int, stop: int) -> np.ndarray:
+    """World coordinates ``(3, X, Y, stop-start)`` of the grid's slices ``start:stop`` along axis 2."""
+    i, j, k = np.meshgrid(np.arange(grid.shape[0]), np.arange(grid.shape[1]), np.arange(start, stop),
+                          indexing="ij")
+    ijk = np.stack([i, j, k]).reshape(3, -1).astype(np.float64)
+    return (grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:4]).reshape(3, *i.shape)
+
+
+def world_to_voxel(affine: np.ndarray, world: np.ndarray) -> np.ndarray:
+    """World points ``(3, ...)`` -> voxel coordinates ``(3, ...)`` of the grid with ``affine``."""
+    inv = np.linalg.inv(affine)
+    flat = world.reshape(3, -1)
+    return (inv[:3, :3] @ flat + inv[:3, 3:4]).reshape(world.shape)
+
+
+def _slabs(grid: Grid):
+    per_slice = grid.shape[0] * grid.shape[1]
+    step = max(1, _CHUNK_VOXELS // per_slice)
+    for start in range(0, grid.shape[2], step):
+        yield start, min(grid.shape[2], start + step)
+
+
+def sample(data: np.ndarray, voxel_coords: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
+    """``data`` at fractional voxel coordinates ``(3, ...)``; outside the volume: ``cval``."""
+    return ndimage.map_coordinates(data, voxel_coords.reshape(3, -1), order=order, mode="constant",
+                                   cval=cval, prefilter=False).reshape(voxel_coords.shape[1:])
+
+
+def resample(volume: Volume, grid: Grid, order: int = 1, cval: float | None = None,
+             world_map=None, dtype=np.float32) -> np.ndarray:
+    """``volume`` sampled at each voxel of ``grid`` (``order`` 1 trilinear, 0 nearest).
+
+    ``world_map(points)`` maps world points ``(3, ...)`` of the grid to the world points where the
+    volume is read (default identity), e.g. an initial translation or a registration's displacement.
+    Outside the volume: ``cval`` (default: its minimum for images, 0 for order 0).
+    """
+    if cval is None:
+        cval = 0.0 if order == 0 else float(volume.data.min())
+    data = volume.data if order == 0 else volume.data.astype(np.float32, copy=False)
+    out = np.empty(grid.shape, dtype=dtype)
+    for start, stop in _slabs(grid):
+        world = grid_points(grid, start, stop)
+        if world_map is not None:
+            world = world_map(world)
+        out[..., start:stop] = sample(data, world_to_voxel(volume.affine, world), order, cval)
+    return out
+
+
+def resample_labels(volume: Volume, grid: Grid, world_map=None, method: str = "nearest") -> np.ndarray:
+    """A label map on ``grid``: ``nearest`` neighbour, or ``linear``: each label's mask sampled
+    trilinearly and the voxel given the label with the largest weight (smoother boundaries)."""
+    if method == "nearest":
+        return resample(volume, grid, order=0, cval=0, world_map=world_map, dtype=np.int32)
+    if method != "linear":
+        raise ValueError(f"label interpolation must be 'nearest' or 'linear', got {method!r}")
+    values = np.unique(volume.data)
+    best = np.zeros(grid.shape, dtype=np.float32)
+    out = np.zeros(grid.shape, dtype=np.int32)
+    for value in values:
+        mask = Volume((volume.data == value).astype(np.float32), volume.affine, volume.path)
+        weight = resample(mask, grid, order=1, cval=float(value == 0), world_map=world_map)
+        better = weight > best
+        out[better], best[better] = value, weight[better]
+    return out
+
+
+# ---- intensities --------------------------------------------------------------------------------
+
+@dataclass
+class Normalisation:
+    """``x -> clip((x - low) / (high - low), 0, 1)``; :meth:`undo` maps back (inside [low, high])."""
+    modality: str
+    low: float
+    high: float
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return np.clip((x - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32)
+
+    def undo(self, y: np.ndarray) -> np.ndarray:
+        return (self.low + y * (self.high - self.low)).astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detect_modality(volume: Volume) -> str:
+    """``ct`` for DICOM CT or values reaching below -500 (Hounsfield air), else ``mri``."""
+    modality = volume.meta.get("modality", "")
+    if modality == "CT":
+        return "ct"
+    if modality == "MR":
+        return "mri"
+    return "ct" if float(volume.data.min()) < -500 else "mri"
+
+
+def normalisation_for(volume: Volume, modality: str = "auto", window=CT_WINDOW,
+                      percentiles=MRI_PERCENTILES) -> Normalisation:
+    """The intensity mapping for ``volume``: CT window ``(width, level)`` in HU, or MRI percentiles
+    of the voxels above the image minimum (the background is left out)."""
+    if modality == "auto":
+        modality = detect_modality(volume)
+    if modality == "ct":
+        width, level = (float(v) for v in window)
+        if width <= 0:
+            raise ValueError(f"CT window width must be positive, got {width}")
+        return Normalisation("ct", level - width / 2, level + width / 2)
+    if modality == "mri":
+        data = volume.data
+        foreground = data[data > data.min()]
+        if foreground.size == 0:
+            raise ImageError(f"{volume.path}: image is constant ({float(data.min())}); nothing to register")
+        low, high = (float(v) for v in np.percentile(foreground, percentiles))
+        if high <= low:
+            low, high = float(foreground.min()), float(foreground.max())
+        if high <= low:
+            high = low + 1.0
+        return Normalisation("mri", low, high)
+    if modality == "none":
+        return Normalisation("none", 0.0, 1.0)
+    raise ValueError(f"modality must be auto, ct, mri or none, got {modality!r}")

@@ -1,0 +1,388 @@
+"""Register one scan pair with a trained checkpoint: NIfTI / DICOM in, NIfTI + CSV + PNG out.
+
+``python register.py -c weights/<run> --fixed F --moving M -o OUT [--fixed_label FL --moving_label ML]
+[--fixed_landmarks F.csv --moving_landmarks M.csv] [--modality auto|ct|mri]``
+
+``F`` / ``M``: ``.nii`` / ``.nii.gz`` files or DICOM series folders, any orientation, spacing and size.
+Both are resampled in world coordinates onto the model grid (``--orientation``, default LPS; the
+checkpoint's image size; isotropic spacing that fits the fixed image's field of view, or
+``--spacing``; ``--crop label`` centres it on the fixed label map), intensities mapped to [0, 1]
+(CT window ``--window 290 120``; MRI 0.5-99.5 percentiles). Everything written lies on the fixed
+image's original grid with its header:
+
+* ``warped.nii.gz``: the moving image (its original intensities) resampled through the registration;
+* ``warped_label.nii.gz``: the moving label map (``--label_interp nearest|linear``);
+* ``displacement.nii.gz``: ``(X, Y, Z, 1, 3)`` float32 mm in world RAS+ (NIfTI vector intent). For the
+  fixed voxel at world ``x``, the moving image is read at ``x + d(x)`` (pull-back). ITK / ANTs use LPS:
+  negate the first two components there;
+* ``jacobian.nii.gz``: the determinant of ``x -> x + d(x)`` (<= 0 where the map folds);
+* ``landmarks.csv`` (fixed landmarks mapped into the moving image, with the registration error when
+  moving landmarks are given) and ``moving_landmarks_in_fixed.csv``;
+* ``figure.png`` (fixed / moving / warped / differences / deformation grid / Jacobian, three planes);
+* ``report.json``: every number printed plus the preprocessing (grid, normalisation, translation).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from data_util.image_io import ImageError, Volume, apply_affine, load_image, load_label_for, read_landmarks, \
+    save_nifti
+from data_util.preprocess import Grid, model_grid, normalisation_for, resample, resample_labels
+from data_util.world_transform import WorldDisplacement
+from network import CheckpointError, SizeError, build_model, load_checkpoint
+from network.checkpoint import atomic_write_text
+from network.inference import prepare, register, set_threads
+from train import fail, resolve_device
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--checkpoint", required=True, help="weights/<run>[:STEP] or a ckpt_<step>.pt file")
+    p.add_argument("--fixed", required=True, help="fixed image: NIfTI file or DICOM series folder")
+    p.add_argument("--moving", required=True, help="moving image: NIfTI file or DICOM series folder")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--fixed_label", help="label map on the fixed image's grid")
+    p.add_argument("--moving_label", help="label map on the moving image's grid")
+    p.add_argument("--fixed_landmarks", help="text/CSV, three numbers per row (see --landmark_units)")
+    p.add_argument("--moving_landmarks", help="corresponding moving landmarks, same count and order")
+    p.add_argument("--landmark_units", choices=["mm", "voxel"], default="mm",
+                   help="mm: world RAS+ coordinates; voxel: indices into that image (default mm)")
+    p.add_argument("--modality", choices=["auto", "ct", "mri", "none"], default="auto",
+                   help="intensity normalisation (auto: CT for DICOM CT or values below -500)")
+    p.add_argument("--window", type=float, nargs=2, default=(290.0, 120.0), metavar=("WIDTH", "LEVEL"),
+                   help="CT window in HU (default RCN's liver window 290 120)")
+    p.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"),
+                   help="MRI intensity percentiles mapped to 0 and 1")
+    p.add_argument("--orientation", default="LPS", help="model grid axis directions (default LPS)")
+    p.add_argument("--size", type=int, nargs=3, default=None, help="model grid size (default: the checkpoint's)")
+    p.add_argument("--spacing", type=float, default=None, help="model grid spacing in mm (default: fit the FOV)")
+    p.add_argument("--crop", choices=["fov", "label"], default="fov",
+                   help="centre the model grid on the fixed image (fov) or its label map's bounding box")
+    p.add_argument("--margin", type=float, default=10.0, help="mm around the label box for --crop label")
+    p.add_argument("--align", choices=["none", "center", "com"], default="none",
+                   help="initial translation of the moving image: none, field-of-view centres, or "
+                        "intensity centres of mass (scans not in a common world frame)")
+    p.add_argument("--label_interp", choices=["nearest", "linear"], default="nearest",
+                   help="label warping: nearest neighbour or per-label linear weights")
+    p.add_argument("-r", "--rep", type=int, default=None, help="shared-weight repetitions at test time")
+    p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no_figure", action="store_true", help="skip figure.png")
+    return p.parse_args(argv)
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+def load_model(args, device):
+    state = load_checkpoint(args.checkpoint)
+    config = dict(state["model_config"])
+    if args.rep is not None:
+        config["rep"] = args.rep
+    if args.size is not None:
+        config["image_size"] = list(args.size)
+    try:
+        model = build_model(config)
+        model.load_state_dict(state["model"])
+    except (SizeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{state['path']}: {str(e).splitlines()[0]}") from None
+    return prepare(model.to(device), channels_last=device.type == "cpu"), state
+
+
+def load_inputs(args) -> dict:
+    inputs = {"fixed": load_image(args.fixed), "moving": load_image(args.moving)}
+    for side in ("fixed", "moving"):
+        path = getattr(args, f"{side}_label")
+        inputs[f"{side}_label"] = load_label_for(inputs[side], path) if path else None
+        path = getattr(args, f"{side}_landmarks")
+        inputs[f"{side}_landmarks"] = read_landmarks(path, inputs[side], args.landmark_units) if path else None
+    f, m = inputs["fixed_landmarks"], inputs["moving_landmarks"]
+    if f is not None and m is not None and f.shape != m.shape:
+        raise ImageError(f"{args.moving_landmarks}: {len(m)} landmarks, but {args.fixed_landmarks} has {len(f)}")
+    if args.crop == "label" and inputs["fixed_label"] is None:
+        raise ImageError(f"{args.fixed}: --crop label needs --fixed_label")
+    return inputs
+
+
+# ---- preprocessing --------------------------------------------------------------------------------
+
+def label_box(label: Volume, margin: float) -> np.ndarray:
+    """World ``(2, 3)`` min/max of the label map's foreground voxels, widened by ``margin`` mm."""
+    ijk = np.argwhere(label.data > 0)
+    if ijk.size == 0:
+        raise ImageError(f"{label.path}: label map is empty; nothing to crop around")
+    world = apply_affine(label.affine, np.concatenate([ijk.min(0, keepdims=True), ijk.max(0, keepdims=True)]))
+    return np.stack([world.min(0) - margin, world.max(0) + margin])
+
+
+def centre_of_mass(volume: Volume, norm) -> np.ndarray:
+    weights = norm.apply(volume.data).astype(np.float64)
+    if weights.sum() <= 0:
+        return apply_affine(volume.affine, (np.asarray(volume.shape)[None] - 1) / 2)[0]
+    ijk = np.array([(weights.sum(axis=tuple(b for b in range(3) if b != a)) * np.arange(n)).sum()
+                    for a, n in enumerate(volume.shape)]) / weights.sum()
+    return apply_affine(volume.affine, ijk[None])[0]
+
+
+def preprocess(args, inputs, image_size) -> dict:
+    fixed, moving = inputs["fixed"], inputs["moving"]
+    box = label_box(inputs["fixed_label"], args.margin) if args.crop == "label" else None
+    grid = model_grid(fixed, image_size, args.spacing, args.orientation, box=box)
+    norms = {side: normalisation_for(inputs[side], args.modality, args.window, args.percentiles)
+             for side in ("fixed", "moving")}
+    translation = np.zeros(3)
+    if args.align == "center":
+        translation = (apply_affine(moving.affine, (np.asarray(moving.shape)[None] - 1) / 2)
+                       - apply_affine(fixed.affine, (np.asarray(fixed.shape)[None] - 1) / 2))[0]
+    elif args.align == "com":
+        translation = centre_of_mass(moving, norms["moving"]) - centre_of_mass(fixed, norms["fixed"])
+    shift = (lambda w: w + translation[:, None, None, None]) if args.align != "none" else None
+    return {"grid": grid, "norms": norms, "translation": translation,
+            "fixed": norms["fixed"].apply(resample(fixed, grid)),
+            "moving": norms["moving"].apply(resample(moving, grid, world_map=shift))}
+
+
+# ---- outputs on the fixed grid --------------------------------------------------------------------
+
+def dice_per_label(a: np.ndarray, b: np.ndarray, labels) -> dict:
+    out = {}
+    for value in labels:
+        x, y = a == value, b == value
+        total = x.sum() + y.sum()
+        out[int(value)] = float(2 * (x & y).sum() / total) if total else float("nan")
+    return out
+
+
+def mean(values) -> float:
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def landmark_tables(inputs, disp: WorldDisplacement) -> dict:
+    """CSV texts and errors for the landmark outputs."""
+    fixed_pts, moving_pts = inputs["fixed_landmarks"], inputs["moving_landmarks"]
+    moving, fixed = inputs["moving"], inputs["fixed"]
+    tables, stats = {}, {}
+    if fixed_pts is not None:
+        mapped = disp.map_points(fixed_pts)
+        mapped_vox = apply_affine(np.linalg.inv(moving.affine), mapped)
+        header = ["id", "fixed_x", "fixed_y", "fixed_z", "in_moving_x", "in_moving_y", "in_moving_z",
+                  "in_moving_i", "in_moving_j", "in_moving_k"]
+        rows = [[n, *fixed_pts[n], *mapped[n], *mapped_vox[n]] for n in range(len(fixed_pts))]
+        if moving_pts is not None:
+            before = np.linalg.norm(fixed_pts - moving_pts, axis=1)
+            after = np.linalg.norm(mapped - moving_pts, axis=1)
+            header += ["moving_x", "moving_y", "moving_z", "error_before_mm", "error_after_mm"]
+            rows = [r + [*moving_pts[n], before[n], after[n]] for n, r in enumerate(rows)]
+            stats = {"landmark_error_before_mm": float(before.mean()), "landmark_error_after_mm": float(after.mean())}
+        tables["landmarks.csv"] = render_csv(header, rows)
+    if moving_pts is not None:
+        back = disp.invert_points(moving_pts)
+        back_vox = apply_affine(np.linalg.inv(fixed.affine), back)
+        header = ["id", "moving_x", "moving_y", "moving_z", "in_fixed_x", "in_fixed_y", "in_fixed_z",
+                  "in_fixed_i", "in_fixed_j", "in_fixed_k"]
+        tables["moving_landmarks_in_fixed.csv"] = render_csv(
+            header, [[n, *moving_pts[n], *back[n], *back_vox[n]] for n in range(len(moving_pts))])
+    return {"tables": tables, "stats": stats}
+
+
+def render_csv(header, rows) -> str:
+    out = io.StringIO()
+    w = csv.writer(out)
+    w.writerow(header)
+    for r in rows:
+        w.writerow([r[0]] + [f"{v:.4f}" for v in r[1:]])
+    return out.getvalue()
+
+
+def _lps_transform(orientation: str):
+    import nibabel.orientations as ornt
+    return ornt.ornt_transform(ornt.axcodes2ornt(tuple(orientation.upper())), ornt.axcodes2ornt(("L", "P", "S")))
+
+
+def to_lps(volume: np.ndarray, orientation: str) -> np.ndarray:
+    """Reorder / flip a model-grid array into LPS axis order for display."""
+    import nibabel.orientations as ornt
+    return ornt.apply_orientation(volume, _lps_transform(orientation))
+
+
+def index_to_lps(index, shape, orientation: str) -> tuple:
+    """A model-grid voxel index as an index into :func:`to_lps` of an array of ``shape``."""
+    out = [0, 0, 0]
+    for axis, (new_axis, flip) in enumerate(_lps_transform(orientation)):
+        out[int(new_axis)] = shape[axis] - 1 - index[axis] if flip < 0 else index[axis]
+    return tuple(int(v) for v in out)
+
+
+def make_figure(args, inputs, prep, flow, jac, warped_model, title):
+    from network.layers import warp
+    from network.visualization import grid_lines, registration_figure, slice_offsets
+    grid = prep["grid"]
+    labels = {}
+    if inputs["fixed_label"] is not None:
+        labels["fixed_label"] = resample_labels(inputs["fixed_label"], grid)
+    if inputs["moving_label"] is not None:
+        shift = (lambda w: w + prep["translation"][:, None, None, None])
+        labels["moving_label"] = resample_labels(inputs["moving_label"], grid, world_map=shift)
+        labels["warped_label"] = warp(torch.from_numpy(labels["moving_label"].astype(np.float32))[None, None],
+                                      torch.from_numpy(flow)[None], mode="nearest").numpy()[0, 0]
+    center = tuple(s // 2 for s in grid.shape)
+    if "fixed_label" in labels and (labels["fixed_label"] > 0).any():
+        center = tuple(int(v) for v in np.argwhere(labels["fixed_label"] > 0).mean(0).round())
+    every = max(4, grid.shape[0] // 16)
+    lines = torch.from_numpy(grid_lines(grid.shape, every, slice_offsets(grid.shape, every, center)))
+    warped_lines = warp(lines[None, None], torch.from_numpy(flow)[None]).numpy()[0, 0]
+    o = args.orientation
+    return registration_figure(to_lps(prep["fixed"], o), to_lps(prep["moving"], o), to_lps(warped_model, o),
+                               to_lps(warped_lines, o), to_lps(jac, o), spacing=tuple(grid.spacing),
+                               center=index_to_lps(center, grid.shape, o), title=title,
+                               **{k: to_lps(v, o) for k, v in labels.items()})
+
+
+def run_network(model, prep: dict, device, rep=None):
+    """The model's flow ``(3, X, Y, Z)`` (model-grid voxels) and warped moving image on the model grid."""
+    to_tensor = lambda a: torch.from_numpy(a)[None, None].to(device)
+    out = register(model, to_tensor(prep["fixed"]), to_tensor(prep["moving"]),
+                   channels_last=device.type == "cpu", rep=rep)
+    return out["flow"][0].float().cpu().numpy(), out["warped"][0, 0].float().cpu().numpy()
+
+
+def write_outputs(out_dir: str, files: dict) -> None:
+    """Write every output into a staging folder, then move each file into ``out_dir`` (each
+    file appears whole; on an error nothing new appears)."""
+    os.makedirs(out_dir, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=".staging_", dir=out_dir)
+    try:
+        for name, writer in files.items():
+            writer(os.path.join(stage, name))
+        for name in files:
+            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    times = {}
+    t = time.perf_counter()
+
+    def lap(name):
+        nonlocal t
+        now = time.perf_counter()
+        times[name] = now - t
+        t = now
+
+    try:
+        set_threads(args.threads)
+    except ValueError as e:
+        fail(str(e))
+    device = resolve_device(args.gpu)
+    try:
+        model, state = load_model(args, device)
+        inputs = load_inputs(args)
+    except (CheckpointError, ImageError) as e:
+        fail(str(e))
+    image_size = tuple(model.config.image_size)
+    fixed, moving = inputs["fixed"], inputs["moving"]
+    print(f"fixed  {fixed.path}: {fixed.describe()}")
+    print(f"moving {moving.path}: {moving.describe()}")
+    lap("load")
+
+    try:
+        prep = preprocess(args, inputs, image_size)
+    except (ImageError, ValueError) as e:
+        fail(f"{args.fixed}: {e}" if not isinstance(e, ImageError) else str(e))
+    grid = prep["grid"]
+    for side in ("fixed", "moving"):
+        n = prep["norms"][side]
+        print(f"{side} intensities: {n.modality}, [{n.low:.4g}, {n.high:.4g}] -> [0, 1]")
+    print(f"model grid: {grid.shape} at {grid.spacing[0]:.3f} mm, orientation {args.orientation.upper()}, "
+          f"initial translation {np.round(prep['translation'], 2).tolist()} mm")
+    lap("preprocess")
+
+    flow, warped_model = run_network(model, prep, device, args.rep)
+    lap("network")
+
+    disp = WorldDisplacement(flow, grid, prep["translation"])
+    jac_model = disp.jacobian_determinant()
+    fixed_grid = Grid.of(fixed)
+    displacement = disp.on_grid(fixed_grid)
+    warp_world = lambda w: w + disp(w)
+    warped = resample(moving, fixed_grid, world_map=warp_world)
+    jacobian = resample(Volume(jac_model, grid.affine, "jacobian"), fixed_grid, order=1, cval=1.0)
+    report = {"fixed": fixed.path, "moving": moving.path, "checkpoint": state["path"],
+              "model_grid": grid.to_dict(), "orientation": args.orientation.upper(),
+              "normalisation": {k: v.to_dict() for k, v in prep["norms"].items()},
+              "initial_translation_mm": prep["translation"].tolist(),
+              "displacement_convention": "pull-back, world RAS+ mm: moving is read at x + d(x)",
+              "folding_pct": float(100 * (jac_model <= 0).mean()),
+              "jacobian_min": float(jac_model.min()), "jacobian_max": float(jac_model.max())}
+    files = {
+        "warped.nii.gz": lambda p: save_nifti(p, warped, fixed, description="warped moving image"),
+        "displacement.nii.gz": lambda p: save_nifti(p, displacement[:, :, :, None, :], fixed, intent="vector",
+                                                    description="pull-back displacement, RAS mm"),
+        "jacobian.nii.gz": lambda p: save_nifti(p, jacobian, fixed, description="Jacobian determinant"),
+    }
+    if inputs["moving_label"] is not None:
+        warped_label = resample_labels(inputs["moving_label"], fixed_grid, world_map=warp_world,
+                                       method=args.label_interp)
+        dtype = np.uint8 if warped_label.max(initial=0) < 256 else np.int32
+        files["warped_label.nii.gz"] = lambda p: save_nifti(p, warped_label.astype(dtype), fixed,
+                                                            description="warped moving labels")
+        if inputs["fixed_label"] is not None:
+            fixed_label = inputs["fixed_label"].data
+            before_label = resample_labels(inputs["moving_label"], fixed_grid)
+            values = [v for v in np.unique(fixed_label) if v != 0]
+            before = dice_per_label(fixed_label, before_label, values)
+            after = dice_per_label(fixed_label, warped_label, values)
+            report["dice_before"], report["dice_after"] = mean(before.values()), mean(after.values())
+            report["dice_per_label"] = {str(v): {"before": before[v], "after": after[v]} for v in before}
+    landmarks = landmark_tables(inputs, disp)
+    report.update(landmarks["stats"])
+    for name, text in landmarks["tables"].items():
+        files[name] = lambda p, text=text: atomic_write_text(p, text)
+    lap("outputs")
+
+    if not args.no_figure:
+        from network.visualization import save_figure
+        title = f"{os.path.basename(moving.path.rstrip('/'))} -> {os.path.basename(fixed.path.rstrip('/'))}"
+        if "dice_after" in report:
+            title += f"   Dice {report['dice_before']:.3f} -> {report['dice_after']:.3f}"
+        fig = make_figure(args, inputs, prep, flow, jac_model, warped_model, title)
+        files["figure.png"] = lambda p: save_figure(fig, p)
+        lap("figure")
+
+    try:
+        write_outputs(args.output, files)
+    except OSError as e:
+        fail(f"{args.output}: cannot write the outputs ({e.strerror or e})")
+    lap("write")
+    report["seconds"] = {k: round(v, 4) for k, v in times.items()}
+    report["seconds"]["total"] = round(sum(times.values()), 4)
+    report["files"] = sorted(files) + ["report.json"]
+    atomic_write_text(os.path.join(args.output, "report.json"), json.dumps(report, indent=2) + "\n")
+
+    if "dice_after" in report:
+        per_label = ", ".join(f"{k}: {v['before']:.3f}->{v['after']:.3f}" for k, v in report["dice_per_label"].items())
+        print(f"Dice {report['dice_before']:.4f} -> {report['dice_after']:.4f} ({per_label})")
+    if "landmark_error_after_mm" in report:
+        print(f"landmark error {report['landmark_error_before_mm']:.3f} -> {report['landmark_error_after_mm']:.3f} mm")
+    print(f"folding (det J <= 0): {report['folding_pct']:.4f}% of the model grid, det J in "
+          f"[{report['jacobian_min']:.3f}, {report['jacobian_max']:.3f}]")
+    print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in report["seconds"].items()))
+    print(f"wrote {', '.join(report['files'])} to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
