@@ -1,7 +1,7 @@
 """Register one scan pair with a trained checkpoint: NIfTI / DICOM in, NIfTI + CSV + PNG out.
 
 ``python register.py -c weights/<run> --fixed F --moving M -o OUT [--fixed_label FL --moving_label ML]
-[--fixed_landmarks F.csv --moving_landmarks M.csv] [--modality auto|ct|mri]``
+[--fixed_landmarks F.csv --moving_landmarks M.csv] [--modality auto|ct|mri|uint8]``
 
 ``F`` / ``M``: ``.nii`` / ``.nii.gz`` files or DICOM series folders, any orientation, spacing and size.
 Both are resampled in world coordinates onto the model grid (``--orientation``, default LPS; the
@@ -38,7 +38,7 @@ import torch
 
 from data_util.image_io import ImageError, Volume, apply_affine, load_image, load_label_for, read_landmarks, \
     save_nifti
-from data_util.preprocess import Grid, model_grid, normalisation_for, resample, resample_labels
+from data_util.preprocess import Grid, label_box, model_grid, normalisation_for, resample, resample_labels
 from data_util.world_transform import WorldDisplacement
 from network import CheckpointError, SizeError, build_model, load_checkpoint
 from network.checkpoint import atomic_write_text
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--moving_landmarks", help="corresponding moving landmarks, same count and order")
     p.add_argument("--landmark_units", choices=["mm", "voxel"], default="mm",
                    help="mm: world RAS+ coordinates; voxel: indices into that image (default mm)")
-    p.add_argument("--modality", choices=["auto", "ct", "mri", "none"], default="auto",
+    p.add_argument("--modality", choices=["auto", "ct", "mri", "uint8"], default="auto",
                    help="intensity normalisation (auto: CT for DICOM CT or values below -500)")
     p.add_argument("--window", type=float, nargs=2, default=(290.0, 120.0), metavar=("WIDTH", "LEVEL"),
                    help="CT window in HU (default RCN's liver window 290 120)")
@@ -89,7 +89,10 @@ def load_model(args, device):
     config = dict(state["model_config"])
     if args.rep is not None:
         config["rep"] = args.rep
-    if args.size is not None:
+    if args.size is not None and tuple(args.size) != tuple(config["image_size"]):
+        if config.get("affine"):
+            raise CheckpointError(f"{state['path']}: --size {tuple(args.size)}: this model's affine stem "
+                                  f"only takes its training size {tuple(config['image_size'])}")
         config["image_size"] = list(args.size)
     try:
         model = build_model(config)
@@ -115,15 +118,6 @@ def load_inputs(args) -> dict:
 
 
 # ---- preprocessing --------------------------------------------------------------------------------
-
-def label_box(label: Volume, margin: float) -> np.ndarray:
-    """World ``(2, 3)`` min/max of the label map's foreground voxels, widened by ``margin`` mm."""
-    ijk = np.argwhere(label.data > 0)
-    if ijk.size == 0:
-        raise ImageError(f"{label.path}: label map is empty; nothing to crop around")
-    world = apply_affine(label.affine, np.concatenate([ijk.min(0, keepdims=True), ijk.max(0, keepdims=True)]))
-    return np.stack([world.min(0) - margin, world.max(0) + margin])
-
 
 def centre_of_mass(volume: Volume, norm) -> np.ndarray:
     weights = norm.apply(volume.data).astype(np.float64)
@@ -173,8 +167,16 @@ def landmark_tables(inputs, disp: WorldDisplacement) -> dict:
     fixed_pts, moving_pts = inputs["fixed_landmarks"], inputs["moving_landmarks"]
     moving, fixed = inputs["moving"], inputs["fixed"]
     tables, stats = {}, {}
+    def through(fn, points):
+        """``fn`` on the present rows; missing (NaN) rows stay NaN."""
+        out = np.full_like(points, np.nan)
+        ok = np.isfinite(points).all(1)
+        if ok.any():
+            out[ok] = fn(points[ok])
+        return out
+
     if fixed_pts is not None:
-        mapped = disp.map_points(fixed_pts)
+        mapped = through(disp.map_points, fixed_pts)
         mapped_vox = apply_affine(np.linalg.inv(moving.affine), mapped)
         header = ["id", "fixed_x", "fixed_y", "fixed_z", "in_moving_x", "in_moving_y", "in_moving_z",
                   "in_moving_i", "in_moving_j", "in_moving_k"]
@@ -184,10 +186,13 @@ def landmark_tables(inputs, disp: WorldDisplacement) -> dict:
             after = np.linalg.norm(mapped - moving_pts, axis=1)
             header += ["moving_x", "moving_y", "moving_z", "error_before_mm", "error_after_mm"]
             rows = [r + [*moving_pts[n], before[n], after[n]] for n, r in enumerate(rows)]
-            stats = {"landmark_error_before_mm": float(before.mean()), "landmark_error_after_mm": float(after.mean())}
+            both = np.isfinite(before)
+            if both.any():
+                stats = {"landmark_error_before_mm": float(before[both].mean()),
+                         "landmark_error_after_mm": float(after[both].mean()), "landmark_pairs": int(both.sum())}
         tables["landmarks.csv"] = render_csv(header, rows)
     if moving_pts is not None:
-        back = disp.invert_points(moving_pts)
+        back = through(disp.invert_points, moving_pts)
         back_vox = apply_affine(np.linalg.inv(fixed.affine), back)
         header = ["id", "moving_x", "moving_y", "moving_z", "in_fixed_x", "in_fixed_y", "in_fixed_z",
                   "in_fixed_i", "in_fixed_j", "in_fixed_k"]
@@ -239,7 +244,7 @@ def make_figure(args, inputs, prep, flow, jac, warped_model, title):
     center = tuple(s // 2 for s in grid.shape)
     if "fixed_label" in labels and (labels["fixed_label"] > 0).any():
         center = tuple(int(v) for v in np.argwhere(labels["fixed_label"] > 0).mean(0).round())
-    every = max(4, grid.shape[0] // 16)
+    every = max(6, min(grid.shape) // 8)
     lines = torch.from_numpy(grid_lines(grid.shape, every, slice_offsets(grid.shape, every, center)))
     warped_lines = warp(lines[None, None], torch.from_numpy(flow)[None]).numpy()[0, 0]
     o = args.orientation
@@ -317,8 +322,7 @@ def main(argv=None):
     jac_model = disp.jacobian_determinant()
     fixed_grid = Grid.of(fixed)
     displacement = disp.on_grid(fixed_grid)
-    warp_world = lambda w: w + disp(w)
-    warped = resample(moving, fixed_grid, world_map=warp_world)
+    warped = resample(moving, fixed_grid, displacement=displacement)
     jacobian = resample(Volume(jac_model, grid.affine, "jacobian"), fixed_grid, order=1, cval=1.0)
     report = {"fixed": fixed.path, "moving": moving.path, "checkpoint": state["path"],
               "model_grid": grid.to_dict(), "orientation": args.orientation.upper(),
@@ -334,7 +338,7 @@ def main(argv=None):
         "jacobian.nii.gz": lambda p: save_nifti(p, jacobian, fixed, description="Jacobian determinant"),
     }
     if inputs["moving_label"] is not None:
-        warped_label = resample_labels(inputs["moving_label"], fixed_grid, world_map=warp_world,
+        warped_label = resample_labels(inputs["moving_label"], fixed_grid, displacement=displacement,
                                        method=args.label_interp)
         dtype = np.uint8 if warped_label.max(initial=0) < 256 else np.int32
         files["warped_label.nii.gz"] = lambda p: save_nifti(p, warped_label.astype(dtype), fixed,
@@ -376,7 +380,8 @@ def main(argv=None):
         per_label = ", ".join(f"{k}: {v['before']:.3f}->{v['after']:.3f}" for k, v in report["dice_per_label"].items())
         print(f"Dice {report['dice_before']:.4f} -> {report['dice_after']:.4f} ({per_label})")
     if "landmark_error_after_mm" in report:
-        print(f"landmark error {report['landmark_error_before_mm']:.3f} -> {report['landmark_error_after_mm']:.3f} mm")
+        print(f"landmark error ({report['landmark_pairs']} pairs) {report['landmark_error_before_mm']:.3f} -> "
+              f"{report['landmark_error_after_mm']:.3f} mm")
     print(f"folding (det J <= 0): {report['folding_pct']:.4f}% of the model grid, det J in "
           f"[{report['jacobian_min']:.3f}, {report['jacobian_max']:.3f}]")
     print("seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in report["seconds"].items()))

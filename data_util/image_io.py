@@ -99,6 +99,24 @@ def load_nifti(path: str, label: bool = False) -> Volume:
     return Volume(data, affine, path, {"format": "nifti", "header": img.header.copy()})
 
 
+def read_geometry(path: str) -> Volume:
+    """A NIfTI file's shape and affine without reading its voxels (a zero-size stand-in array);
+    other formats are read whole."""
+    if not (os.path.isfile(path) and _is_nifti(path)):
+        return load_image(path)
+    import nibabel as nib
+    try:
+        img = nib.load(path)
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageError(f"{path}: not a readable NIfTI file ({reason})") from None
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ImageError(f"{path}: header has a degenerate voxel-to-world affine")
+    data = _to_3d(np.broadcast_to(np.float32(0), img.shape), path)
+    return Volume(data, affine, path, {"format": "nifti"})
+
+
 # ---- DICOM ------------------------------------------------------------------------------------------
 
 def _dicom_files(folder: str):
@@ -253,8 +271,9 @@ def save_nifti(path: str, data: np.ndarray, reference: Volume, intent: str | Non
 def read_landmarks(path: str, volume: Volume | None = None, units: str = "mm") -> np.ndarray:
     """Landmarks ``(N, 3)`` in world RAS+ mm from a text/CSV file of three numbers per row.
 
-    A first line that is not numeric is taken as a header. ``units="voxel"`` reads voxel indices of
-    ``volume`` and maps them through its affine.
+    A first line that is not numeric is taken as a header; a row ``nan,nan,nan`` marks a missing
+    landmark (kept, so rows of two files still correspond). ``units="voxel"`` reads voxel indices
+    of ``volume`` and maps them through its affine.
     """
     if not os.path.isfile(path):
         raise ImageError(f"{path}: landmark file not found")
@@ -271,8 +290,9 @@ def read_landmarks(path: str, volume: Volume | None = None, units: str = "mm") -
                 if not rows and n == 0:
                     continue
                 raise ImageError(f"{path}: line {n + 1} is not three numbers: {line[:60]!r}") from None
-            if len(values) != 3 or not np.isfinite(values).all():
-                raise ImageError(f"{path}: line {n + 1} has {len(values)} values; three finite numbers expected")
+            if len(values) != 3 or not (np.isfinite(values).all() or np.isnan(values).all()):
+                raise ImageError(f"{path}: line {n + 1}: three finite numbers (or nan,nan,nan for a "
+                                 f"missing landmark) expected, got {line[:60]!r}")
             rows.append(values)
     if not rows:
         raise ImageError(f"{path}: no landmarks in the file")

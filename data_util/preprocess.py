@@ -7,7 +7,8 @@ isotropic spacing, and a fixed shape. :func:`resample` samples any :class:`Volum
 scipy, in chunks so original-resolution grids of any size fit in memory.
 
 :class:`Normalisation` maps intensities to [0, 1] (CT: window/level, RCN liver W 290 / L 120;
-MRI: robust percentiles of the foreground) and records its numbers so the mapping can be undone.
+MRI: robust percentiles, 0.5 and 99.5 by default;
+``uint8``: already 0..255 like the RCN HDF5 volumes) and records its numbers so the mapping can be undone.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from .image_io import ImageError, Volume
+from .image_io import ImageError, Volume, apply_affine
 
 AXIS_DIRECTIONS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0),
                    "S": (0, 0, 1), "I": (0, 0, -1)}
@@ -84,6 +85,15 @@ def model_grid(reference: Volume, shape, spacing: float | None = None, orientati
     return Grid(shape, affine)
 
 
+def label_box(label: Volume, margin: float) -> np.ndarray:
+    """World ``(2, 3)`` min/max of the label map's foreground voxels, widened by ``margin`` mm."""
+    ijk = np.argwhere(label.data > 0)
+    if ijk.size == 0:
+        raise ImageError(f"{label.path}: label map is empty; nothing to crop around")
+    world = apply_affine(label.affine, np.concatenate([ijk.min(0, keepdims=True), ijk.max(0, keepdims=True)]))
+    return np.stack([world.min(0) - margin, world.max(0) + margin])
+
+
 def grid_points(grid: Grid, start: int, stop: int) -> np.ndarray:
     """World coordinates ``(3, X, Y, stop-start)`` of the grid's slices ``start:stop`` along axis 2."""
     i, j, k = np.meshgrid(np.arange(grid.shape[0]), np.arange(grid.shape[1]), np.arange(start, stop),
@@ -113,12 +123,13 @@ def sample(data: np.ndarray, voxel_coords: np.ndarray, order: int = 1, cval: flo
 
 
 def resample(volume: Volume, grid: Grid, order: int = 1, cval: float | None = None,
-             world_map=None, dtype=np.float32) -> np.ndarray:
+             world_map=None, displacement: np.ndarray | None = None, dtype=np.float32) -> np.ndarray:
     """``volume`` sampled at each voxel of ``grid`` (``order`` 1 trilinear, 0 nearest).
 
-    ``world_map(points)`` maps world points ``(3, ...)`` of the grid to the world points where the
-    volume is read (default identity), e.g. an initial translation or a registration's displacement.
-    Outside the volume: ``cval`` (default: its minimum for images, 0 for order 0).
+    The volume is read at world point ``x + displacement[x]`` (``(X, Y, Z, 3)`` mm on ``grid``, a
+    registration's pull-back field) or ``world_map(x)`` (a function of world points ``(3, ...)``, e.g.
+    an initial translation); default: ``x``. Outside the volume: ``cval`` (default: its minimum for
+    images, 0 for order 0).
     """
     if cval is None:
         cval = 0.0 if order == 0 else float(volume.data.min())
@@ -128,15 +139,19 @@ def resample(volume: Volume, grid: Grid, order: int = 1, cval: float | None = No
         world = grid_points(grid, start, stop)
         if world_map is not None:
             world = world_map(world)
+        if displacement is not None:
+            world = world + np.moveaxis(displacement[:, :, start:stop], -1, 0)
         out[..., start:stop] = sample(data, world_to_voxel(volume.affine, world), order, cval)
     return out
 
 
-def resample_labels(volume: Volume, grid: Grid, world_map=None, method: str = "nearest") -> np.ndarray:
+def resample_labels(volume: Volume, grid: Grid, world_map=None, method: str = "nearest",
+                    displacement: np.ndarray | None = None) -> np.ndarray:
     """A label map on ``grid``: ``nearest`` neighbour, or ``linear``: each label's mask sampled
     trilinearly and the voxel given the label with the largest weight (smoother boundaries)."""
     if method == "nearest":
-        return resample(volume, grid, order=0, cval=0, world_map=world_map, dtype=np.int32)
+        return resample(volume, grid, order=0, cval=0, world_map=world_map, displacement=displacement,
+                        dtype=np.int32)
     if method != "linear":
         raise ValueError(f"label interpolation must be 'nearest' or 'linear', got {method!r}")
     values = np.unique(volume.data)
@@ -144,7 +159,8 @@ def resample_labels(volume: Volume, grid: Grid, world_map=None, method: str = "n
     out = np.zeros(grid.shape, dtype=np.int32)
     for value in values:
         mask = Volume((volume.data == value).astype(np.float32), volume.affine, volume.path)
-        weight = resample(mask, grid, order=1, cval=float(value == 0), world_map=world_map)
+        weight = resample(mask, grid, order=1, cval=float(value == 0), world_map=world_map,
+                          displacement=displacement)
         better = weight > best
         out[better], best[better] = value, weight[better]
     return out
@@ -182,7 +198,7 @@ def detect_modality(volume: Volume) -> str:
 def normalisation_for(volume: Volume, modality: str = "auto", window=CT_WINDOW,
                       percentiles=MRI_PERCENTILES) -> Normalisation:
     """The intensity mapping for ``volume``: CT window ``(width, level)`` in HU, or MRI percentiles
-    of the voxels above the image minimum (the background is left out)."""
+    of all voxels (background included, so the low end is the background level)."""
     if modality == "auto":
         modality = detect_modality(volume)
     if modality == "ct":
@@ -192,15 +208,12 @@ def normalisation_for(volume: Volume, modality: str = "auto", window=CT_WINDOW,
         return Normalisation("ct", level - width / 2, level + width / 2)
     if modality == "mri":
         data = volume.data
-        foreground = data[data > data.min()]
-        if foreground.size == 0:
+        if float(data.max()) <= float(data.min()):
             raise ImageError(f"{volume.path}: image is constant ({float(data.min())}); nothing to register")
-        low, high = (float(v) for v in np.percentile(foreground, percentiles))
+        low, high = (float(v) for v in np.percentile(data, percentiles))
         if high <= low:
-            low, high = float(foreground.min()), float(foreground.max())
-        if high <= low:
-            high = low + 1.0
+            low, high = float(data.min()), float(data.max())
         return Normalisation("mri", low, high)
-    if modality == "none":
-        return Normalisation("none", 0.0, 1.0)
-    raise ValueError(f"modality must be auto, ct, mri or none, got {modality!r}")
+    if modality == "uint8":
+        return Normalisation("uint8", 0.0, 255.0)
+    raise ValueError(f"modality must be auto, ct, mri or uint8, got {modality!r}")

@@ -274,3 +274,33 @@ def test_bad_inputs_fail_with_one_line(work, tmp_path, case, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("register.py: error:") and message in lines[0], r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_landmarks_stay_in_place(tmp_path):
+    (tmp_path / "m.csv").write_text("x,y,z\n1,2,3\nnan,nan,nan\n4,5,6\n")
+    pts = read_landmarks(str(tmp_path / "m.csv"))
+    assert pts.shape == (3, 3) and np.isnan(pts[1]).all() and np.isfinite(pts[[0, 2]]).all()
+    (tmp_path / "bad.csv").write_text("1,nan,3\n")
+    with pytest.raises(ImageError, match="bad.csv: line 1"):
+        read_landmarks(str(tmp_path / "bad.csv"))
+
+
+def test_export_nifti_writes_registrable_scans(tmp_path):
+    """RCN HDF5 entries -> NIfTI (LPS grid of --spacing mm), labels and landmarks in world mm."""
+    from data_util.dataset import RCNDataset
+    from data_util.export_nifti import main as export_main
+    from data_util.synthetic import generate
+    generate(str(tmp_path / "data"), size=32, n_train=1, n_val=2, seed=0)
+    json_path = str(tmp_path / "data" / "synthetic.json")
+    assert export_main(["-d", json_path, "-e", "synth/val_000", "-o", str(tmp_path / "nii"), "--spacing", "1.5"]) == 0
+    img = nib.load(tmp_path / "nii" / "synth_val_000.nii.gz")
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S") and np.allclose(img.header.get_zooms(), 1.5)
+    scan = RCNDataset(json_path).load("synth/val_000")
+    np.testing.assert_array_equal(img.get_fdata(), scan["volume"])
+    np.testing.assert_array_equal(nib.load(tmp_path / "nii" / "synth_val_000_label.nii.gz").get_fdata(),
+                                  scan["segmentation"])
+    pts = read_landmarks(str(tmp_path / "nii" / "synth_val_000_landmarks.csv"))
+    present = ~(scan["point"] == -1).all(1)
+    np.testing.assert_allclose(pts[present], nib.affines.apply_affine(img.affine, scan["point"][present]), atol=1e-3)
+    assert np.isnan(pts[~present]).all()
+    assert export_main(["-d", json_path, "-e", "synth/val_999", "-o", str(tmp_path / "nii")]) == 2
