@@ -5,7 +5,10 @@
 1. ``python -m data_util.synthetic`` writes an RCN-layout dataset (HDF5 + JSON) to ``data/synthetic``;
 2. ``python train.py -b LDR -n 1 -g -1 ...`` trains on its training split;
 3. ``python eval.py -g -1 --batch 1 --checkpoint weights/<output>`` scores held-out pairs and writes
-   ``evaluate/<name>.txt/.json/.csv``.
+   ``evaluate/<name>.txt/.json/.csv``;
+4. ``python -m data_util.export_nifti`` writes two held-out scans as NIfTI (1.5 mm LPS grid) and
+   ``python register.py`` registers them as a user would register their own scans, writing the warped
+   image, displacement field, Jacobian, landmarks and figure to ``evaluate/<name>_register/``.
 It ends with the unregistered vs registered Dice on the held-out pairs.
 """
 from __future__ import annotations
@@ -18,9 +21,14 @@ import subprocess
 import sys
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
 def run(cmd):
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    done = subprocess.run(cmd)
+    path = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=ROOT + (os.pathsep + path if path else ""))   # runs from any folder
+    done = subprocess.run(cmd, env=env)
     if done.returncode != 0:
         print(f"quickstart.py: error: command failed with exit code {done.returncode}", file=sys.stderr)
         sys.exit(done.returncode)
@@ -43,11 +51,20 @@ def main(argv=None):
     run([py, "-m", "data_util.synthetic", "--out", data_dir, "--size", str(args.size), "--train", str(args.train),
          "--val", str(args.val), "--seed", str(args.seed)])
     dataset = os.path.join(data_dir, "synthetic.json")
-    run([py, "train.py", "-b", "LDR", "-n", "1", "-g", "-1", "--round", str(args.steps), "--epochs", "1",
+    run([py, os.path.join(ROOT, "train.py"), "-b", "LDR", "-n", "1", "-g", "-1", "--round", str(args.steps), "--epochs", "1",
          "--batch", "1", "--output", args.output, "-d", dataset, "--val_steps", str(max(1, args.steps // 4)),
          "--save_steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed)])
-    run([py, "eval.py", "-g", "-1", "--batch", "1", "--checkpoint", os.path.join("weights", args.output),
+    run([py, os.path.join(ROOT, "eval.py"), "-g", "-1", "--batch", "1", "--checkpoint", os.path.join("weights", args.output),
          "--name", args.output])
+    nifti_dir = os.path.join(data_dir, "nifti")
+    run([py, "-m", "data_util.export_nifti", "-d", dataset, "-e", "synth/val_000", "synth/val_001",
+         "-o", nifti_dir, "--spacing", "1.5"])
+    scan = lambda name: os.path.join(nifti_dir, f"synth_{name}")  # noqa: E731
+    run([py, os.path.join(ROOT, "register.py"), "-c", os.path.join("weights", args.output), "--fixed", scan("val_000.nii.gz"),
+         "--moving", scan("val_001.nii.gz"), "--fixed_label", scan("val_000_label.nii.gz"),
+         "--moving_label", scan("val_001_label.nii.gz"), "--fixed_landmarks", scan("val_000_landmarks.csv"),
+         "--moving_landmarks", scan("val_001_landmarks.csv"), "--modality", "uint8",
+         "-o", os.path.join("evaluate", args.output + "_register")])
     with open(os.path.join("evaluate", args.output + ".json")) as f:
         result = json.load(f)
     s, info = result["summary"], result["info"]
