@@ -304,3 +304,39 @@ def test_export_nifti_writes_registrable_scans(tmp_path):
     np.testing.assert_allclose(pts[present], nib.affines.apply_affine(img.affine, scan["point"][present]), atol=1e-3)
     assert np.isnan(pts[~present]).all()
     assert export_main(["-d", json_path, "-e", "synth/val_999", "-o", str(tmp_path / "nii")]) == 2
+
+
+def test_align_com_recovers_a_world_shift(work, monkeypatch, tmp_path):
+    """A moving scan whose header puts it 25 mm away: --align com finds the shift, and with a zero
+    network flow the warped image is the moving one moved back."""
+    moving = load_image(work["pair"]["paths"]["moving"])
+    shifted = moving.affine.copy()
+    shifted[:3, 3] += [25.0, -10.0, 5.0]
+    sd.save(str(tmp_path / "shifted.nii.gz"), moving.data, shifted)
+    monkeypatch.setattr(register, "run_network", oracle(lambda w: np.zeros_like(w)))
+    p = work["pair"]["paths"]
+    out = tmp_path / "out"
+    assert register.main(["-c", str(work["dir"] / "weights" / "lite32"), "--fixed", p["moving"],
+                          "--moving", str(tmp_path / "shifted.nii.gz"), "-o", str(out), "--align", "com",
+                          "--no_figure"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    np.testing.assert_allclose(report["initial_translation_mm"], [25.0, -10.0, 5.0], atol=0.5)
+    warped = nib.load(out / "warped.nii.gz").get_fdata()
+    inner = (slice(5, -5),) * 3
+    assert np.abs(warped - moving.data)[inner].mean() < 0.02 * moving.data.max()
+
+
+def test_crop_label_centres_the_grid_on_the_label(work, monkeypatch, tmp_path):
+    monkeypatch.setattr(register, "run_network", oracle(lambda w: np.zeros_like(w)))
+    p = work["pair"]["paths"]
+    assert register.main(["-c", str(work["dir"] / "weights" / "lite32"), "--fixed", p["fixed"], "--moving",
+                          p["moving"], "--fixed_label", p["fixed_label"], "-o", str(tmp_path), "--crop", "label",
+                          "--margin", "5", "--no_figure"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    grid = Grid(tuple(report["model_grid"]["shape"]), np.array(report["model_grid"]["affine"]))
+    label = load_image(p["fixed_label"], label=True)
+    world = nib.affines.apply_affine(label.affine, np.argwhere(label.data > 0))
+    centre = nib.affines.apply_affine(grid.affine, (np.array(grid.shape) - 1) / 2)
+    np.testing.assert_allclose(centre, (world.min(0) + world.max(0)) / 2, atol=1e-6)
+    extent = world.max(0) - world.min(0) + 10
+    assert np.isclose(grid.spacing[0] * 31, extent.max())
