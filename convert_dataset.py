@@ -40,7 +40,7 @@ import numpy as np
 
 from data_util.image_io import NIFTI_SUFFIXES, ImageError, load_image, load_label_for, read_geometry, \
     read_landmarks, same_grid
-from data_util.preprocess import corners, label_box, model_grid, normalisation_for, orientation_matrix, resample, \
+from data_util.preprocess import add_preprocessing_args, corners, label_box, model_grid, normalisation_for, orientation_matrix, resample, \
     resample_labels, world_to_voxel
 from train import fail
 
@@ -59,22 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, nargs=3, default=(128, 128, 128), help="model grid size (default 128^3)")
     p.add_argument("--spacing", type=float, default=None,
                    help="grid spacing in mm (default: the smallest one spacing that fits every scan)")
-    p.add_argument("--orientation", default="LPS", help="model grid axis directions (default LPS)")
-    p.add_argument("--modality", choices=["auto", "ct", "mri", "uint8"], default="auto",
-                   help="intensity normalisation (auto: CT for DICOM CT or values below -500)")
-    p.add_argument("--window", type=float, nargs=2, default=(290.0, 120.0), metavar=("WIDTH", "LEVEL"),
-                   help="CT window in HU (default RCN's liver window 290 120)")
-    p.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"),
-                   help="MRI intensity percentiles mapped to 0 and 1")
-    p.add_argument("--crop", choices=["fov", "label"], default="fov",
-                   help="centre each grid on the scan (fov) or on its label map's bounding box")
-    p.add_argument("--margin", type=float, default=10.0, help="mm around the label box for --crop label")
-    p.add_argument("--label_interp", choices=["nearest", "linear"], default="nearest",
-                   help="label resampling: nearest neighbour or per-label linear weights")
     p.add_argument("--val", type=float, default=None, help="random validation fraction (default 0.2)")
     p.add_argument("--val_ids", default=None, help="comma-separated validation scan ids (instead of --val)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random validation split")
     p.add_argument("--image_type", default=None, help="image_type in the JSON (default: the output name)")
+    add_preprocessing_args(p)
     return p.parse_args(argv)
 
 

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import warnings
 from contextlib import contextmanager
 
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from network import CheckpointError, SizeError, build_model, layers, load_checkpoint
+from network.checkpoint import atomic_output
 from network.inference import FastRegistration, register
 from train import fail
 
@@ -142,26 +142,6 @@ def eager_flow(model, fixed: torch.Tensor, moving: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------- utilities
-
-@contextmanager
-def atomic_output(path: str):
-    """Yield a temporary file name in ``path``'s folder; rename it to ``path`` if the block succeeds,
-    remove it otherwise."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)           # mkstemp makes 0600; give the usual permissions
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 class _DropMessages(logging.Filter):
     def __init__(self, prefix: str):

@@ -38,7 +38,8 @@ import torch
 
 from data_util.image_io import ImageError, Volume, apply_affine, load_image, load_label_for, read_landmarks, \
     save_nifti
-from data_util.preprocess import Grid, label_box, model_grid, normalisation_for, resample, resample_labels
+from data_util.preprocess import Grid, add_preprocessing_args, label_box, model_grid, normalisation_for, resample, \
+    resample_labels
 from data_util.world_transform import WorldDisplacement
 from network import CheckpointError, SizeError, build_model, load_checkpoint
 from network.checkpoint import atomic_write_text
@@ -58,27 +59,16 @@ def parse_args(argv=None):
     p.add_argument("--moving_landmarks", help="corresponding moving landmarks, same count and order")
     p.add_argument("--landmark_units", choices=["mm", "voxel"], default="mm",
                    help="mm: world RAS+ coordinates; voxel: indices into that image (default mm)")
-    p.add_argument("--modality", choices=["auto", "ct", "mri", "uint8"], default="auto",
-                   help="intensity normalisation (auto: CT for DICOM CT or values below -500)")
-    p.add_argument("--window", type=float, nargs=2, default=(290.0, 120.0), metavar=("WIDTH", "LEVEL"),
-                   help="CT window in HU (default RCN's liver window 290 120)")
-    p.add_argument("--percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"),
-                   help="MRI intensity percentiles mapped to 0 and 1")
-    p.add_argument("--orientation", default="LPS", help="model grid axis directions (default LPS)")
     p.add_argument("--size", type=int, nargs=3, default=None, help="model grid size (default: the checkpoint's)")
     p.add_argument("--spacing", type=float, default=None, help="model grid spacing in mm (default: fit the FOV)")
-    p.add_argument("--crop", choices=["fov", "label"], default="fov",
-                   help="centre the model grid on the fixed image (fov) or its label map's bounding box")
-    p.add_argument("--margin", type=float, default=10.0, help="mm around the label box for --crop label")
     p.add_argument("--align", choices=["none", "center", "com"], default="none",
                    help="initial translation of the moving image: none, field-of-view centres, or "
                         "intensity centres of mass (scans not in a common world frame)")
-    p.add_argument("--label_interp", choices=["nearest", "linear"], default="nearest",
-                   help="label warping: nearest neighbour or per-label linear weights")
     p.add_argument("-r", "--rep", type=int, default=None, help="shared-weight repetitions at test time")
     p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no_figure", action="store_true", help="skip figure.png")
+    add_preprocessing_args(p)
     return p.parse_args(argv)
 
 

@@ -10,7 +10,6 @@ Errors are :class:`ImageError` with one line naming the file and the problem.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -229,18 +228,9 @@ def load_label_for(image: Volume, path: str) -> Volume:
 
 def _atomic_nibabel_save(img, path: str) -> None:
     import nibabel as nib
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = ".nii.gz" if path.lower().endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
+    from network.checkpoint import atomic_output
+    with atomic_output(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_nifti(path: str, data: np.ndarray, reference: Volume, intent: str | None = None,

@@ -217,3 +217,19 @@ def normalisation_for(volume: Volume, modality: str = "auto", window=CT_WINDOW,
     if modality == "uint8":
         return Normalisation("uint8", 0.0, 255.0)
     raise ValueError(f"modality must be auto, ct, mri or uint8, got {modality!r}")
+
+
+def add_preprocessing_args(parser) -> None:
+    """The intensity and model-grid options shared by ``register.py`` and ``convert_dataset.py``."""
+    parser.add_argument("--modality", choices=["auto", "ct", "mri", "uint8"], default="auto",
+                        help="intensity normalisation (auto: CT for DICOM CT or values below -500)")
+    parser.add_argument("--window", type=float, nargs=2, default=CT_WINDOW, metavar=("WIDTH", "LEVEL"),
+                        help="CT window in HU (default RCN's liver window 290 120)")
+    parser.add_argument("--percentiles", type=float, nargs=2, default=MRI_PERCENTILES, metavar=("LOW", "HIGH"),
+                        help="MRI intensity percentiles mapped to 0 and 1")
+    parser.add_argument("--orientation", default="LPS", help="model grid axis directions (default LPS)")
+    parser.add_argument("--crop", choices=["fov", "label"], default="fov",
+                        help="centre the model grid on the (fixed) scan's field of view or its label box")
+    parser.add_argument("--margin", type=float, default=10.0, help="mm around the label box for --crop label")
+    parser.add_argument("--label_interp", choices=["nearest", "linear"], default="nearest",
+                        help="label resampling: nearest neighbour or per-label linear weights")

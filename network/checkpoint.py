@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -33,6 +34,29 @@ def atomic_save(obj, path: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@contextmanager
+def atomic_output(path: str):
+    """Yield a temporary file name in ``path``'s folder; rename it to ``path`` if the block succeeds,
+    remove it otherwise."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem, suffix = os.path.splitext(path)
+    if suffix.lower() == ".gz":                  # keep ".nii.gz": writers pick the format by suffix
+        suffix = os.path.splitext(stem)[1] + suffix
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)           # mkstemp makes 0600; give the usual permissions
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

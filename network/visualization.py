@@ -18,11 +18,11 @@ they keep no global state and are safe in training loops and worker threads.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import torch
 
+from .checkpoint import atomic_output
 from .layers import warp
 
 __all__ = ["grid_lines", "slice_offsets", "tensorboard_panel", "registration_figure", "save_figure"]
@@ -305,17 +305,6 @@ def save_figure(fig, path) -> str:
     Returns ``path``.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=fig.dpi)
-        mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=fig.dpi)
     return path
