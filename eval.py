@@ -5,6 +5,10 @@
 Writes ``evaluate/<name>.txt`` (one line per pair, then a Summary block of mean (std)), and
 ``evaluate/<name>.json`` / ``.csv`` with every pair's metrics, the model config, parameter count and
 mean seconds per pair (fast-path registration, flow + warped image, after one warm-up batch).
+
+Learn2Reg datasets (or ``--l2r``) are also scored the challenge way (``l2r_*`` columns): Dice per label
+and mean (nearest-neighbour label warp), Dice30, HD95 in voxels and mm, SDlogJ, % folding.
+``--submission DIR`` writes the challenge's ``DIR/task_04/disp_<fixed>_<moving>.npz`` files.
 """
 from __future__ import annotations
 
@@ -14,17 +18,21 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
 
-from data_util import DatasetError, RCNDataset, make_loader
+from data_util import DatasetError
+from data_util.learn2reg import make_dataset_loader, uncrop_flow
+from data_util.submission import write_displacement
 from network import CheckpointError, SizeError, build_model, count_parameters, load_checkpoint
 from network.checkpoint import atomic_write_text
 from network.inference import prepare, register, tune_allocator
-from network.metrics import METRIC_KEYS, pair_metrics, summarise
-from train import fail, resolve_device, stored_dataset, to_device
+from network.metrics import METRIC_KEYS, l2r_pair_scores, pair_metrics, summarise, summarise_l2r
+from train import fail, load_dataset, resolve_device, stored_dataset, to_device
 
 
 def parse_args(argv=None):
@@ -42,6 +50,17 @@ def parse_args(argv=None):
     p.add_argument("--spacing", type=float, nargs=3, default=None, help="voxel spacing in mm for landmark distances")
     p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    c = p.add_argument_group("Learn2Reg challenge scoring and submission")
+    c.add_argument("--l2r", action="store_true",
+                   help="score the challenge way also on RCN datasets (on by default for Learn2Reg datasets)")
+    c.add_argument("--sdlogj_offset", type=float, default=3.0,
+                   help="SDlogJ = std(log(J + offset)): 3 in the organisers' current script, 15 in Estienne et al.'s")
+    c.add_argument("--crop", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="Learn2Reg datasets: crop size (default: the training run's, else the dataset JSON's)")
+    c.add_argument("--submission", default=None, metavar="DIR",
+                   help="write DIR/task_<NN>/disp_<fixed>_<moving>.npz (float16, (3, X, Y, Z) on the original "
+                        "fixed grid) for every pair")
+    c.add_argument("--task", type=int, default=4, help="challenge task number of the submission folder")
     return p.parse_args(argv)
 
 
@@ -57,7 +76,60 @@ SUMMARY_NAMES = {"dice": "Dice score", "jacc": "Jaccard score", "landmark_dist":
                  "landmark_dist_before": "Landmark distance before registration"}
 
 
-def render_txt(rows, summary, info) -> str:
+def l2r_text(l2r: dict, labels, offset: float) -> str:
+    """The Learn2Reg block of the report: the challenge's columns, mean (std) over pairs."""
+    def line(name, key, stat="mean"):
+        v = l2r.get(key)
+        if v is None:
+            return ""
+        extra = f" ({fmt(v['std'])})" if stat == "mean" else ""
+        return f"{name}: {fmt(v[stat])}{extra}  [n={v['n']}]\n"
+
+    out = "\nLearn2Reg scores (nearest-neighbour label warp; mean (std) over pairs)\n"
+    out += line("Dice", "l2r_dice") + line("Dice30 (30th percentile over pairs)", "l2r_dice", "p30")
+    for v in labels:
+        out += line(f"Dice label {int(v)}", f"l2r_dice_{int(v)}")
+    out += line("Dice before registration", "l2r_dice_before")
+    out += line("HD95 (voxels)", "l2r_hd95") + line("HD95 (mm)", "l2r_hd95_mm")
+    out += line(f"SDlogJ (log(J + {offset:g}))", "l2r_sdlogj_l2r") + line("Folding J <= 0 (%)", "l2r_fold_pct")
+    return out
+
+
+class SubmissionFolder:
+    """Collects ``disp_<fixed>_<moving>.npz`` files in a staging folder next to ``<root>/task_<NN>`` and
+    moves it into place in :meth:`commit`, so an interrupted run leaves no half-written submission.
+
+    Flows of cropped Learn2Reg pairs are mapped back to the original fixed grid (:func:`uncrop_flow`).
+    """
+
+    def __init__(self, root: str, task: int):
+        self.final = os.path.join(root, f"task_{task:02d}")
+        os.makedirs(root, exist_ok=True)
+        self.staging = tempfile.mkdtemp(prefix=f".task_{task:02d}.partial-", dir=root)
+        self.written = []
+
+    def add(self, batch: dict, i: int, flow: torch.Tensor) -> None:
+        if "offset1" in batch:
+            flow = uncrop_flow(flow.cpu(), batch["offset1"][i].cpu(), batch["offset2"][i].cpu(),
+                               batch["shape1"][i].cpu().tolist())
+        self.written.append(write_displacement(self.staging, batch["id1"][i], batch["id2"][i], flow))
+
+    def commit(self) -> str:
+        old = None
+        if os.path.exists(self.final):
+            old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(self.final))
+            os.replace(self.final, os.path.join(old, "task"))
+        os.replace(self.staging, self.final)
+        if old is not None:
+            shutil.rmtree(old)
+        self.written = [os.path.join(self.final, os.path.basename(p)) for p in self.written]
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def render_txt(rows, summary, info, l2r=None) -> str:
     out = io.StringIO()
     out.write("# id1 id2 " + " ".join(TXT_KEYS) + "\n")
     for r in rows:
@@ -66,6 +138,8 @@ def render_txt(rows, summary, info) -> str:
     for k in METRIC_KEYS:
         mean, std, n = summary[k]
         out.write(f"{SUMMARY_NAMES[k]}: {fmt(mean)} ({fmt(std)})  [n={n}]\n")
+    if l2r is not None:
+        out.write(l2r_text(l2r, info["l2r_labels"], info["sdlogj_offset"]))
     out.write(f"Parameters: {info['n_params']}\n")
     out.write(f"Seconds per pair: {info['seconds_per_pair']:.4f} ({info['device']}, batch {info['batch']})\n")
     return out.getvalue()
@@ -73,11 +147,51 @@ def render_txt(rows, summary, info) -> str:
 
 def render_csv(rows) -> str:
     out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=["id1", "id2"] + METRIC_KEYS + ["seconds"])
+    extra = [k for k in (rows[0] if rows else {}) if k.startswith("l2r_")]
+    w = csv.DictWriter(out, fieldnames=["id1", "id2"] + METRIC_KEYS + extra + ["seconds"])
     w.writeheader()
     for r in rows:
         w.writerow({k: r.get(k) for k in w.fieldnames})
     return out.getvalue()
+
+
+def evaluate_pairs(model, loader, device, class_values, l2r_labels, args, submission, rows, times, progress):
+    """Register every pair of ``loader`` (timed fast path), appending metric rows and seconds per pair;
+    Learn2Reg scores as ``l2r_*`` keys when ``l2r_labels``; flows to ``submission`` when given."""
+    warmed = False
+    try:
+        with torch.inference_mode():
+            for batch in progress(loader, disable=None, dynamic_ncols=True):
+                batch = to_device(batch, device)
+                if not warmed:
+                    register(model, batch["voxel1"], batch["voxel2"])
+                    warmed = True
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                flow = register(model, batch["voxel1"], batch["voxel2"])["flow"]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = (time.perf_counter() - t) / flow.shape[0]
+                times.append(dt)
+                batch_rows = pair_metrics(batch, flow, class_values, args.spacing)
+                if l2r_labels:
+                    spacing = batch.get("spacing1", args.spacing)
+                    scores = l2r_pair_scores(batch["seg1"], batch["seg2"], flow, l2r_labels,
+                                             spacing=spacing.cpu() if torch.is_tensor(spacing) else spacing,
+                                             sdlogj_offset=args.sdlogj_offset)
+                    for r, score in zip(batch_rows, scores):
+                        r.update({f"l2r_{k}": v for k, v in score.items()})
+                for i, r in enumerate(batch_rows):
+                    r["seconds"] = dt
+                    rows.append(r)
+                    if submission is not None:
+                        try:
+                            submission.add(batch, i, flow[i])
+                        except ValueError as e:
+                            fail(f"{args.submission}: {e}")
+    except DatasetError as e:
+        fail(str(e))
 
 
 def main(argv=None):
@@ -93,11 +207,12 @@ def main(argv=None):
     if args.rep is not None:
         config["rep"] = args.rep
     dataset_path = args.dataset or stored_dataset(state)
+    split = args.val_subset or "2"
+    crop = args.crop or state["train_args"].get("crop")
+    dataset = load_dataset(dataset_path, args.paired or bool(state["train_args"].get("paired")), [split], crop)
     try:
-        split = args.val_subset or "2"
-        dataset = RCNDataset(dataset_path, paired=args.paired or bool(state["train_args"].get("paired")),
-                             splits=[split])
-        loader = make_loader(dataset, split, args.batch, loop=False, num_workers=args.workers, limit=args.limit)
+        loader = make_dataset_loader(dataset, split, args.batch, loop=False, num_workers=args.workers,
+                                     limit=args.limit)
     except DatasetError as e:
         fail(str(e))
     try:
@@ -112,6 +227,8 @@ def main(argv=None):
     tune_allocator()
     n_params = count_parameters(model)
     class_values = list(dataset.segmentation_class_value.values()) if dataset.segmentation_class_value else None
+    l2r_labels = (class_values or [255]) if (args.l2r or getattr(dataset, "image_type", None) == "learn2reg") else None
+    submission = SubmissionFolder(args.submission, args.task) if args.submission else None
     run = os.path.basename(os.path.dirname(os.path.abspath(state["path"])))
     name = args.name or f"{run}-{state['step']}-{split}"
     print(f"evaluating {state['path']} (step {state['step']}, {n_params:,} params, rep {model.config.rep}) "
@@ -119,43 +236,39 @@ def main(argv=None):
 
     from tqdm import tqdm
     rows, times = [], []
-    warmed = False
     try:
-        with torch.inference_mode():
-            for batch in tqdm(loader, disable=None, dynamic_ncols=True):
-                batch = to_device(batch, device)
-                if not warmed:
-                    register(model, batch["voxel1"], batch["voxel2"])
-                    warmed = True
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                flow = register(model, batch["voxel1"], batch["voxel2"])["flow"]
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = (time.perf_counter() - t) / flow.shape[0]
-                times.append(dt)
-                for r in pair_metrics(batch, flow, class_values, args.spacing):
-                    r["seconds"] = dt
-                    rows.append(r)
-    except DatasetError as e:
-        fail(str(e))
-    if not rows:
-        fail(f"{dataset_path}: split '{split}' has no pairs")
+        evaluate_pairs(model, loader, device, class_values, l2r_labels, args, submission, rows, times, tqdm)
+        if not rows:
+            fail(f"{dataset_path}: split '{split}' has no pairs")
+    except BaseException:
+        if submission is not None:
+            submission.discard()
+        raise
     summary = summarise(rows)
+    l2r_summary = summarise_l2r(rows, [k for k in rows[0] if k.startswith("l2r_")]) if l2r_labels else None
     info = {"checkpoint": state["path"], "step": state["step"], "dataset": dataset_path, "split": split,
             "model_config": model.config.to_dict(), "n_params": n_params, "n_pairs": len(rows),
             "seconds_per_pair": sum(times) / len(times), "device": str(device), "batch": args.batch,
             "threads": torch.get_num_threads()}
     base = os.path.join(args.out_dir, name)
-    atomic_write_text(base + ".json", json.dumps({"info": info, "summary": {k: {"mean": m, "std": s, "n": n}
-                                            for k, (m, s, n) in summary.items()}, "pairs": rows}, indent=1))
+    report = {"info": info, "summary": {k: {"mean": m, "std": s, "n": n} for k, (m, s, n) in summary.items()}}
+    if l2r_summary is not None:
+        info.update(l2r_labels=l2r_labels, sdlogj_offset=args.sdlogj_offset)
+        report["learn2reg"] = l2r_summary
+    report["pairs"] = rows
+    if submission is not None:
+        info["submission"] = submission.commit()
+    atomic_write_text(base + ".json", json.dumps(report, indent=1))
     atomic_write_text(base + ".csv", render_csv(rows))
-    atomic_write_text(base + ".txt", render_txt(rows, summary, info))
+    atomic_write_text(base + ".txt", render_txt(rows, summary, info, l2r_summary))
     print(f"Dice {fmt(summary['dice'][0])} ({fmt(summary['dice'][1])}), before registration "
           f"{fmt(summary['dice_before'][0])}; Jacc {fmt(summary['jacc'][0])}; landmark dist "
           f"{fmt(summary['landmark_dist'][0])} (before {fmt(summary['landmark_dist_before'][0])}); "
           f"jac_nonpos {fmt(summary['jac_nonpos_pct'][0])}%; {info['seconds_per_pair']:.4f} s/pair")
+    if l2r_summary is not None:
+        print(l2r_text(l2r_summary, l2r_labels, args.sdlogj_offset).rstrip())
+    if submission is not None:
+        print(f"wrote {len(submission.written)} displacement files to {info['submission']}")
     print(f"wrote {base}.txt, {base}.json, {base}.csv")
     return 0
 

@@ -1,7 +1,10 @@
-"""RCN training augmentation: a random smooth free-form deformation (FFD) of the MOVING image.
+"""Training augmentation.
 
-Only image 2 (moving) is augmented, together with its segmentation and landmarks (RCN
-``framework.py`` / ``transform.py``). Layouts: images ``(B, 1, X, Y, Z)``, flows ``(B, 3, X, Y, Z)`` in
+* RCN (:func:`augment_moving`): a random smooth free-form deformation (FFD) of the MOVING image only,
+  together with its segmentation and landmarks (RCN ``framework.py`` / ``transform.py``).
+* Learn2Reg hippocampus recipe (:func:`augment_pair_affine`): one random affine transform per pair
+  applied to BOTH images and their labels (a new, still unregistered pair).
+ Layouts: images ``(B, 1, X, Y, Z)``, flows ``(B, 3, X, Y, Z)`` in
 voxel units with channel ``c`` displacing axis ``c``; pull-back warping ``warped(p) = moving(p + u(p))``.
 """
 from __future__ import annotations
@@ -107,3 +110,77 @@ def augment_moving(batch: dict, generator: torch.Generator | None = None, contro
         out["point2"] = invert_points(batch["point2"], flow)
     out["aug_flow"] = flow
     return out
+
+
+def rotation_matrix(axis: int, angle: float) -> torch.Tensor:
+    """Rotation ``(3, 3)`` float64 by ``angle`` radians about array axis ``axis`` (0, 1 or 2)."""
+    i, j = [a for a in range(3) if a != axis]
+    R = torch.eye(3, dtype=torch.float64)
+    c, s = torch.cos(torch.tensor(angle, dtype=torch.float64)), torch.sin(torch.tensor(angle, dtype=torch.float64))
+    R[i, i], R[i, j], R[j, i], R[j, j] = c, -s, s, c
+    return R
+
+
+def random_affine(batch: int, max_rotation: float = 20.0, max_translation: float = 10.0, max_zoom: float = 0.2,
+                  generator: torch.Generator | None = None):
+    """Random ``(A (B, 3, 3), t (B, 3))`` float64 as in the Learn2Reg hippocampus recipe: a rotation
+    of up to ``max_rotation`` degrees about ONE random axis, an isotropic zoom in
+    ``[1 - max_zoom, 1 + max_zoom]``, a translation of up to ``max_translation`` voxels per axis."""
+    def uniform(size):
+        return torch.rand(size, generator=generator, dtype=torch.float64) * 2 - 1
+
+    axes = torch.randint(0, 3, (batch,), generator=generator)
+    angles = uniform(batch) * max_rotation * torch.pi / 180.0
+    zooms = 1.0 + uniform(batch) * max_zoom
+    t = uniform((batch, 3)) * max_translation
+    A = torch.stack([zooms[b] * rotation_matrix(int(axes[b]), float(angles[b])) for b in range(batch)])
+    return A, t
+
+
+def affine_about_centre_flow(A: torch.Tensor, t: torch.Tensor, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Pull-back displacement ``(B, 3, X, Y, Z)`` (voxels) of ``p -> A (p - c) + c + t``, ``c`` the
+    volume centre: ``u(p) = (A - I)(p - c) + t``."""
+    shape = tuple(int(s) for s in shape)
+    centre = torch.tensor([(s - 1) / 2 for s in shape], dtype=torch.float64)
+    axes = [torch.arange(s, dtype=torch.float64) - centre[k] for k, s in enumerate(shape)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"))                     # (3, X, Y, Z)
+    M = A.to(torch.float64) - torch.eye(3, dtype=torch.float64)
+    flow = torch.einsum("bij,jxyz->bixyz", M, grid) + t.to(torch.float64).view(-1, 3, 1, 1, 1)
+    return flow.to(device=device, dtype=dtype)
+
+
+def augment_pair_affine(batch: dict, generator: torch.Generator | None = None, max_rotation: float = 20.0,
+                        max_translation: float = 10.0, max_zoom: float = 0.2) -> dict:
+    """Return a new batch with ONE random affine transform per pair applied to both images
+    (trilinear), both label maps (nearest) and landmarks (exact inverse map), so the pair stays
+    consistent (the recipe's joint augmentation; :func:`random_affine` gives the ranges).
+
+    ``voxel1``/``voxel2`` ``(B, 1, X, Y, Z)``; optional ``seg1``/``seg2``, ``point1``/``point2``
+    ``(B, N, 3)`` (-1 rows stay missing). The displacement is returned under ``aug_flow``.
+    Stored teacher flows are refused (they belong to the unaugmented pair).
+    """
+    if "teacher_flow" in batch:
+        raise ValueError("this batch carries stored teacher flows computed for the unaugmented pairs; "
+                         "augmenting the pair would pair them with images they were not computed for")
+    fixed = batch["voxel1"]
+    shape = fixed.shape[2:]
+    A, t = random_affine(fixed.shape[0], max_rotation, max_translation, max_zoom, generator)
+    flow = affine_about_centre_flow(A, t, shape, device=fixed.device, dtype=fixed.dtype)
+    out = dict(batch)
+    for k in (1, 2):
+        out[f"voxel{k}"] = warp(batch[f"voxel{k}"], flow)
+        if batch.get(f"seg{k}") is not None:
+            out[f"seg{k}"] = warp(batch[f"seg{k}"], flow.to(batch[f"seg{k}"].dtype), mode="nearest")
+        if batch.get(f"point{k}") is not None:
+            out[f"point{k}"] = _inverse_affine_points(batch[f"point{k}"], A, t, shape)
+    out["aug_flow"] = flow
+    return out
+
+
+def _inverse_affine_points(points: torch.Tensor, A: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
+    """Where the point ``q`` lands after warping by ``p -> A (p - c) + c + t``: ``A^-1 (q - c - t) + c``."""
+    centre = torch.tensor([(s - 1) / 2 for s in shape], dtype=torch.float64)
+    q = points.to(torch.float64).cpu()
+    p = torch.einsum("bij,bnj->bni", torch.linalg.inv(A), q - centre - t[:, None, :]) + centre
+    missing = (points == -1).all(-1, keepdim=True).cpu()
+    return torch.where(missing, q, p).to(device=points.device, dtype=points.dtype)

@@ -28,13 +28,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from experiments.common import ROOT, run  # noqa: E402
 from network.checkpoint import atomic_write_text  # noqa: E402
 
 
@@ -60,14 +59,6 @@ def parse_args(argv=None):
     p.add_argument("--time_runs", type=int, default=5)
     p.add_argument("--workers", type=int, default=1)
     return p.parse_args(argv)
-
-
-def run(cmd, cwd):
-    print("$ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.time()
-    subprocess.run([sys.executable] + cmd, cwd=cwd, env=env, check=True)
-    print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
 def train(work, name, steps, extra, args):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Conv3d, upsample_flow
+from .layers import Conv3d, integrate_spatial_gradient, upsample_flow
 
 
 class SizeError(ValueError):
@@ -298,7 +298,99 @@ class LDRAffine(nn.Module):
         return self.head(x, shape)
 
 
-DEFORMABLE_NETWORKS = {"LDR": LDR, "VTN": VTN, "VoxelMorph": VoxelMorph, "Lite": Lite}
+# ----------------------------------------------------------------------------------------------
+# Siamese spatial-gradient network (Learn2Reg 2020 hippocampus recipe, Estienne et al.)
+# ----------------------------------------------------------------------------------------------
+
+def norm_lrelu(conv: nn.Module, cout: int) -> nn.Sequential:
+    """``conv`` -> InstanceNorm3d -> LeakyReLU(0.01) (the recipe's block)."""
+    return nn.Sequential(conv, nn.InstanceNorm3d(cout), nn.LeakyReLU(0.01, inplace=True))
+
+
+class SpatialGradientNet(nn.Module):
+    """Siamese encoder, difference skips, positive spatial-gradient decoder (``FrontiersNet`` of
+    Estienne et al., Learn2Reg 2020 task 4, run with ``--classic-vnet --instance-norm --zeros-init``).
+
+    ``channels`` is the width multiplier ``m``: levels have ``[4, 8, 16, 32, 64] * m`` channels
+    (the recipe's ``m = 8``: 32..512, 30.75M parameters). Layout (``L_k`` = level ``k``, size ``1/2^k``):
+
+    * encoder, shared by both images: input block (3^3 conv 1 -> 4m, 3^3 conv, residual add), then
+      4 blocks of [2^3 stride-2 conv + IN + LReLU, 3^3 conv + IN + LReLU];
+    * skips: ``enc(moving)_k - enc(fixed)_k`` at every level (the bottleneck too);
+    * decoder: 4 blocks of [2^3 stride-2 transposed conv + IN + LReLU, concat skip, 3^3 conv + IN +
+      LReLU, residual add of the upsampled tensor]; last 3^3 conv to 3 channels, zero-initialised,
+      sigmoid: ``g = 0.5`` at start, i.e. the identity;
+    * ``g`` is integrated per axis (:func:`integrate_spatial_gradient`) into the displacement.
+    * ``deep_supervision``: a 3^3 conv head on each decoder block's input (``L_4`` .. ``L_1``) gives
+      a gradient field, nearest-upsampled to full size, sigmoid, integrated; in training mode their
+      flows are returned as ``deep_flows`` (coarsest first) for a multi-scale similarity loss.
+
+    ``forward(fixed, moving)`` -> ``{"flow": (B, 3, X, Y, Z) voxels, "gradient": g}`` (+ ``deep_flows``).
+    """
+
+    stride = 16
+    min_size = 32          # instance norm needs more than one voxel at the 1/16 bottleneck
+    levels = 4
+
+    def __init__(self, channels: int = 8, flow_multiplier: float = 1.0, deep_supervision: bool = False):
+        super().__init__()
+        ch = [w * channels for w in (4, 8, 16, 32, 64)]
+        self.flow_multiplier = flow_multiplier
+        self.deep_supervision = deep_supervision
+        self.input_conv1 = Conv3d(1, ch[0], 3, padding=1)
+        self.input_conv2 = Conv3d(ch[0], ch[0], 3, padding=1)
+        self.down = nn.ModuleList(
+            nn.Sequential(norm_lrelu(Conv3d(ch[k], ch[k + 1], 2, stride=2), ch[k + 1]),
+                          norm_lrelu(Conv3d(ch[k + 1], ch[k + 1], 3, padding=1), ch[k + 1]))
+            for k in range(self.levels))
+        self.up = nn.ModuleList(
+            norm_lrelu(nn.ConvTranspose3d(ch[k + 1], ch[k], 2, stride=2), ch[k])
+            for k in reversed(range(self.levels)))
+        self.fuse = nn.ModuleList(
+            norm_lrelu(Conv3d(2 * ch[k], ch[k], 3, padding=1), ch[k]) for k in reversed(range(self.levels)))
+        self.head = Conv3d(ch[0], 3, 3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        if deep_supervision:
+            self.deep_heads = nn.ModuleList(Conv3d(ch[k + 1], 3, 3, padding=1)
+                                            for k in reversed(range(self.levels)))
+
+    def encode(self, image: torch.Tensor) -> list:
+        """Features of one image at levels 0..4 (full size to 1/16)."""
+        x = F.leaky_relu(self.input_conv1(image), 0.01)
+        x = x + F.leaky_relu(self.input_conv2(x), 0.01)
+        features = [x]
+        for block in self.down:
+            features.append(block(features[-1]))
+        return features
+
+    def decode(self, skips: list) -> tuple:
+        """``(gradient, deep_gradients)`` from the merged features (levels 0..4)."""
+        x = skips[-1]
+        deep = []
+        for i, (up, fuse) in enumerate(zip(self.up, self.fuse)):
+            if self.deep_supervision and self.training:
+                factor = 2 ** (self.levels - i)
+                deep.append(torch.sigmoid(F.interpolate(self.deep_heads[i](x), scale_factor=factor, mode="nearest")))
+            x = up(x)
+            x = x + fuse(torch.cat([x, skips[self.levels - 1 - i]], dim=1))
+        return torch.sigmoid(self.head(x)), deep
+
+    def to_flow(self, gradient: torch.Tensor) -> torch.Tensor:
+        return integrate_spatial_gradient(gradient) * self.flow_multiplier
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict:
+        check_size(fixed.shape[2:], self.stride, "SpatialGradient", minimum=self.min_size)
+        merged = [m - f for m, f in zip(self.encode(moving), self.encode(fixed))]
+        gradient, deep = self.decode(merged)
+        out = {"flow": self.to_flow(gradient), "gradient": gradient}
+        if deep:
+            out["deep_flows"] = [self.to_flow(g) for g in deep]
+        return out
+
+
+DEFORMABLE_NETWORKS = {"LDR": LDR, "VTN": VTN, "VoxelMorph": VoxelMorph, "Lite": Lite,
+                       "SpatialGradient": SpatialGradientNet}
 AFFINE_NETWORKS = {"VTNAffine": VTNAffine, "LDRAffine": LDRAffine}
 
 

@@ -231,3 +231,43 @@ class SpatialTransformer(nn.Module):
 
     def compose(self, previous: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return compose_flows(previous, new)
+
+
+def integrate_spatial_gradient(gradient: torch.Tensor) -> torch.Tensor:
+    """Displacement ``(B, 3, X, Y, Z)`` (voxels) from a per-axis spatial gradient ``(B, 3, X, Y, Z)``.
+
+    Channel ``c`` is the derivative of the sampling position along axis ``c`` (in half-voxel units),
+    integrated by a cumulative sum: ``p_c(i) = 2 * sum_{k <= i} g_c(k) - 1`` and ``u_c = p_c - i``.
+    ``g = 0.5`` everywhere gives the identity; ``g > 0`` makes ``p_c`` strictly increasing along axis
+    ``c``, so the mapping cannot fold along an axis. This is the voxel form of the recipe's
+    ``(4 cumsum(g) - 2) / (N - 1) - 1`` grid (``align_corners=True``).
+    """
+    check_flow(gradient, "spatial gradient")
+    parts = []
+    for c in range(3):
+        axis = 2 + c
+        n = gradient.shape[axis]
+        index = torch.arange(n, device=gradient.device, dtype=gradient.dtype).view(
+            [n if d == axis else 1 for d in range(5)])
+        parts.append(2.0 * torch.cumsum(gradient[:, c:c + 1], dim=axis) - 1.0 - index)
+    return torch.cat(parts, dim=1)
+
+
+def spatial_gradient_of(flow: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`integrate_spatial_gradient`: ``g_c(i) = (u_c(i) - u_c(i-1) + 1) / 2`` with
+    ``u_c(-1) = 0``; ``(B, 3, X, Y, Z)``. Defined for any flow (the spatial-gradient regulariser uses it)."""
+    check_flow(flow)
+    parts = []
+    for c in range(3):
+        axis = 2 + c
+        u = flow[:, c:c + 1]
+        previous = F.pad(u.narrow(axis, 0, u.shape[axis] - 1), _front_pad(axis))
+        parts.append((u - previous + 1.0) / 2.0)
+    return torch.cat(parts, dim=1)
+
+
+def _front_pad(axis: int) -> tuple:
+    """``F.pad`` spec adding one zero slice at the start of ``axis`` (2, 3 or 4) of a 5-D tensor."""
+    pad = [0] * 6
+    pad[2 * (4 - axis)] = 1
+    return tuple(pad)

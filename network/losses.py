@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layers import spatial_gradient_of, warp
+
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
@@ -23,19 +25,26 @@ def correlation_loss(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-
     return 1.0 - cov / torch.sqrt(a.pow(2).mean(1) * b.pow(2).mean(1) + eps)
 
 
+def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over a ``window^3`` box centred on every voxel (zeros outside), per channel; same shape.
+
+    Separable: three 1-D average pools, ``3 * window`` operations per voxel instead of ``window^3``.
+    """
+    pad = window // 2
+    for kernel, padding in (((window, 1, 1), (0, 0, 0, 0, pad, pad)), ((1, window, 1), (0, 0, pad, pad, 0, 0)),
+                            ((1, 1, window), (pad, pad, 0, 0, 0, 0))):
+        x = F.avg_pool3d(F.pad(x, padding), kernel, stride=1)
+    return x * float(window ** 3)
+
+
 def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
     """``1 - mean local squared correlation`` in a ``window^3`` box; ``(B,)``. Images ``(B, 1, X, Y, Z)``."""
     if window % 2 != 1:
         raise ValueError("LNCC window must be odd")
-    kernel = torch.ones(1, 1, window, window, window, device=fixed.device, dtype=fixed.dtype)
-    pad = window // 2
-
-    def box(x):
-        return F.conv3d(x, kernel, padding=pad)
-
     n = float(window ** 3)
-    s_i, s_j = box(fixed), box(warped)
-    s_ii, s_jj, s_ij = box(fixed * fixed), box(warped * warped), box(fixed * warped)
+    # the five window sums in one separable box filter (3 x 1-D average pools, zero padding)
+    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
+    s_i, s_j, s_ii, s_jj, s_ij = (box_sum(stacked, window)).split(1, dim=1)
     cross = s_ij - s_i * s_j / n
     var_i = (s_ii - s_i * s_i / n).clamp_min(0)
     var_j = (s_jj - s_j * s_j / n).clamp_min(0)
@@ -51,6 +60,28 @@ def mse_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
 SIMILARITY = {"corr": correlation_loss, "lncc": lncc_loss, "mse": mse_loss}
 
 
+def one_hot(labels: torch.Tensor, values) -> torch.Tensor:
+    """Float one-hot maps ``(B, L, X, Y, Z)`` of a label map ``(B, 1, X, Y, Z)``, one channel per value
+    in ``values`` (background left out unless listed)."""
+    if labels.dim() != 5 or labels.shape[1] != 1:
+        raise ValueError(f"label map must have shape (B, 1, X, Y, Z), got {tuple(labels.shape)}")
+    return torch.cat([((labels - v).abs() < 0.5).to(torch.float32) for v in values], dim=1)
+
+
+def soft_dice_loss(warped: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """``1 - (2 sum(xy) + s) / (sum(x^2) + sum(y^2) + s)`` per channel, averaged over channels; ``(B,)``.
+
+    ``warped``, ``target``: soft or hard label maps ``(B, L, X, Y, Z)`` in [0, 1] (e.g. warped one-hot
+    moving labels and one-hot fixed labels). 0 for identical maps; ``smooth`` (1, as in the recipe)
+    keeps labels absent from both maps at 0 loss.
+    """
+    if warped.shape != target.shape:
+        raise ValueError(f"soft Dice needs equal shapes, got {tuple(warped.shape)} and {tuple(target.shape)}")
+    x, y = warped.flatten(2), target.flatten(2)
+    dice = (2 * (x * y).sum(2) + smooth) / ((x * x).sum(2) + (y * y).sum(2) + smooth)
+    return (1.0 - dice).mean(1)
+
+
 def smoothness_loss(flow: torch.Tensor) -> torch.Tensor:
     """RCN regulariser: ``0.5 * sum of squared forward differences / voxel count``; ``(B,)``."""
     n = flow[0, 0].numel()
@@ -59,6 +90,24 @@ def smoothness_loss(flow: torch.Tensor) -> torch.Tensor:
         d = torch.diff(flow, dim=axis)
         total = total + _flat(d * d).sum(1)
     return 0.5 * total / n
+
+
+def spatial_gradient_l1_loss(flow: torch.Tensor) -> torch.Tensor:
+    """Learn2Reg hippocampus recipe regulariser ``mean |g - 0.5|`` over channels and voxels; ``(B,)``.
+
+    ``g`` is the per-axis spatial gradient of the sampling grid
+    (:func:`network.layers.spatial_gradient_of`), so ``g - 0.5 = (u_c(i) - u_c(i-1)) / 2``
+    along axis ``c`` (``u_c(-1) = 0``): it penalises axis-wise stretching and compression only.
+    """
+    return _flat((spatial_gradient_of(flow) - 0.5).abs()).mean(1)
+
+
+REGULARISERS = {"smooth": smoothness_loss, "gradient_l1": spatial_gradient_l1_loss}
+
+
+def overlap_mask(fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    """``(fixed > 0) & (moving > 0)`` as float ``(B, 1, X, Y, Z)``: the recipe's similarity mask."""
+    return ((fixed > 0) & (moving > 0)).to(fixed.dtype)
 
 
 def affine_det_loss(A: torch.Tensor) -> torch.Tensor:
@@ -80,32 +129,72 @@ def affine_ortho_loss(A: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 class RegistrationLoss:
-    """Unsupervised RCN loss on a cascade output.
+    """Registration loss on a :class:`~network.recursive_cascaded_networks.RecursiveCascadeNetwork` output.
 
-    ``similarity(fixed, final warped) + reg_weight * sum_k smoothness(flow_k)
-    + det_weight * det(A) + ortho_weight * ortho(A)``, each summed over the batch.
+    ``sim + reg_weight * reg + dice_weight * dice + det_weight * det + ortho_weight * ortho``, each
+    summed over the batch, where
+
+    * ``sim``: similarity (``corr`` (RCN), ``lncc``, ``mse``) between the fixed image and the final
+      warped image; with ``output["deep_warped"]`` (deep supervision) the mean over the final and every
+      deep-supervision warp; with ``mask_overlap`` both images are multiplied by
+      :func:`overlap_mask` of the (unwarped) input pair first (the Learn2Reg recipe);
+    * ``reg``: ``regulariser`` (``smooth`` (RCN) or ``gradient_l1`` (the recipe)) summed over every
+      deformable stage's own flow;
+    * ``dice``: :func:`soft_dice_loss` between the moving labels warped by the final flow (one-hot,
+      trilinear) and the fixed labels, over ``label_values`` (needs ``fixed_seg`` / ``moving_seg``;
+      pairs where ``seg_valid`` ``(B,)`` is False, i.e. without both label maps, contribute 0);
+    * ``det``, ``ortho``: affine stem terms (only with an affine stem).
+    ``__call__`` returns ``(total, components)``; every component is a scalar tensor.
     """
 
-    def __init__(self, similarity: str = "corr", reg_weight: float = 1.0,
-                 det_weight: float = 0.1, ortho_weight: float = 0.1, lncc_window: int = 9):
+    def __init__(self, similarity: str = "corr", reg_weight: float = 1.0, det_weight: float = 0.1,
+                 ortho_weight: float = 0.1, lncc_window: int = 9, regulariser: str = "smooth",
+                 dice_weight: float = 0.0, label_values=None, mask_overlap: bool = False):
         if similarity not in SIMILARITY:
             raise ValueError(f"unknown similarity {similarity!r}; choose from {sorted(SIMILARITY)}")
+        if regulariser not in REGULARISERS:
+            raise ValueError(f"unknown regulariser {regulariser!r}; choose from {sorted(REGULARISERS)}")
+        if dice_weight > 0 and not label_values:
+            raise ValueError("the Dice term needs the label values to score (label_values)")
         self.similarity = similarity
         self.reg_weight = reg_weight
         self.det_weight = det_weight
         self.ortho_weight = ortho_weight
         self.lncc_window = lncc_window
+        self.regulariser = regulariser
+        self.dice_weight = dice_weight
+        self.label_values = list(label_values) if label_values else None
+        self.mask_overlap = mask_overlap
 
     def similarity_term(self, fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
         if self.similarity == "lncc":
             return lncc_loss(fixed, warped, self.lncc_window)
         return SIMILARITY[self.similarity](fixed, warped)
 
-    def __call__(self, fixed: torch.Tensor, output: dict):
-        comps = {"sim": self.similarity_term(fixed, output["warped"]).sum()}
-        reg = [smoothness_loss(f).sum() for f, d in zip(output["flows"], output["deformable"]) if d]
+    def __call__(self, fixed: torch.Tensor, output: dict, moving: torch.Tensor | None = None,
+                 fixed_seg: torch.Tensor | None = None, moving_seg: torch.Tensor | None = None,
+                 seg_valid: torch.Tensor | None = None):
+        warps = [output["warped"]] + list(output.get("deep_warped", []))
+        target = fixed
+        if self.mask_overlap:
+            if moving is None:
+                raise ValueError("mask_overlap needs the moving image")
+            mask = overlap_mask(fixed, moving)
+            target, warps = fixed * mask, [w * mask for w in warps]
+        comps = {"sim": torch.stack([self.similarity_term(target, w) for w in warps]).mean(0).sum()}
+        reg_fn = REGULARISERS[self.regulariser]
+        reg = [reg_fn(f).sum() for f, d in zip(output["flows"], output["deformable"]) if d]
         comps["reg"] = torch.stack(reg).sum() if reg else fixed.new_zeros(())
         total = comps["sim"] + self.reg_weight * comps["reg"]
+        if self.dice_weight > 0:
+            if fixed_seg is None or moving_seg is None:
+                raise ValueError("the Dice term needs fixed and moving label maps")
+            warped_labels = warp(one_hot(moving_seg, self.label_values), output["flow"])
+            dice = soft_dice_loss(warped_labels, one_hot(fixed_seg, self.label_values))
+            if seg_valid is not None:
+                dice = dice * seg_valid.to(device=dice.device, dtype=dice.dtype)
+            comps["dice"] = dice.sum()
+            total = total + self.dice_weight * comps["dice"]
         if output.get("affine") is not None:
             A = output["affine"]["A"]
             comps["det"] = affine_det_loss(A).sum()

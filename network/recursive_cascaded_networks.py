@@ -21,18 +21,22 @@ from .layers import SpatialTransformer, compose_flows
 # preset -> (affine stem or None, deformable networks per cascade, multiplier rule)
 PRESETS = {
     # RCN: VTN affine + n cascades of the base network (VTN or VoxelMorph), multiplier 1/n
-    "rcn": {"affine": "VTNAffine", "nets_per_cascade": 1, "allowed": ("VTN", "VoxelMorph", "LDR")},
+    "rcn": {"affine": "VTNAffine", "nets_per_cascade": 1, "allowed": ("VTN", "VoxelMorph", "LDR", "SpatialGradient")},
     # LDR_ALDK brain: LDR affine + n LDR cascades, multiplier 1/n
     "ldr-brain": {"affine": "LDRAffine", "nets_per_cascade": 1, "allowed": ("LDR",)},
     # LDR_ALDK liver: no affine, every cascade is two LDR nets, multiplier 1/(n+1)
     "ldr-liver": {"affine": None, "nets_per_cascade": 2, "allowed": ("LDR",)},
     # no affine stem, n cascades of the base network, multiplier 1/n
-    "plain": {"affine": None, "nets_per_cascade": 1, "allowed": ("VTN", "VoxelMorph", "LDR", "Lite")},
+    # (the Learn2Reg hippocampus recipe is plain + 1 SpatialGradient cascade)
+    "plain": {"affine": None, "nets_per_cascade": 1,
+              "allowed": ("VTN", "VoxelMorph", "LDR", "Lite", "SpatialGradient")},
     # ours, CPU-first: n Lite cascades, no affine stem (or LDR's light affine stem first), multiplier 1/n
     "lite": {"affine": None, "nets_per_cascade": 1, "allowed": ("Lite",)},
     "lite-affine": {"affine": "LDRAffine", "nets_per_cascade": 1, "allowed": ("Lite",)},
 }
-DEFAULT_PRESET = {"LDR": "ldr-brain", "VTN": "rcn", "VoxelMorph": "rcn", "Lite": "lite"}
+DEFAULT_PRESET = {"LDR": "ldr-brain", "VTN": "rcn", "VoxelMorph": "rcn", "Lite": "lite", "SpatialGradient": "plain"}
+# base network -> default ``channels`` (SpatialGradient: the width multiplier, 8 in the recipe)
+DEFAULT_CHANNELS = {"SpatialGradient": 8}
 
 
 @dataclass
@@ -45,6 +49,7 @@ class ModelConfig:
     image_size: tuple = (128, 128, 128)
     channels: int = 16
     rep: int = 1
+    deep_supervision: bool = False                     # SpatialGradient only
     affine: str | None = field(default=None)          # filled from the preset
     nets_per_cascade: int = 0                          # filled from the preset
     flow_multiplier: float = 0.0                       # filled from the preset
@@ -57,6 +62,8 @@ class ModelConfig:
         spec = PRESETS[self.preset]
         if self.base_network not in spec["allowed"]:
             raise ValueError(f"preset {self.preset!r} does not take base network {self.base_network!r}")
+        if self.deep_supervision and self.base_network != "SpatialGradient":
+            raise ValueError(f"deep supervision is only available for SpatialGradient, not {self.base_network}")
         if self.n_cascades < 1 or self.rep < 1 or self.channels < 1:
             raise ValueError("n_cascades, rep and channels must be >= 1")
         self.image_size = tuple(int(s) for s in self.image_size)
@@ -103,7 +110,9 @@ class RecursiveCascadeNetwork(nn.Module):
     * ``agg_flows``: aggregated flow after each stage; ``agg_flows[-1]`` is the final flow;
     * ``deformable``: per stage, True for deformable stems (their flows get the smoothness loss);
     * ``warped``: ``warp(moving, final flow)`` (``(B, 1, X, Y, Z)``);
-    * ``affine``: the affine stem's ``{"W", "b", "A"}`` or None.
+    * ``affine``: the affine stem's ``{"W", "b", "A"}`` or None;
+    * ``deep_warped`` (training mode with deep supervision only): the moving image warped by every
+      deep-supervision head's flow (composed after the stages before it), for the similarity loss.
     With ``return_all_warped=True`` also ``warped_all`` (every stage's warped moving image).
     """
 
@@ -113,11 +122,13 @@ class RecursiveCascadeNetwork(nn.Module):
         c = config
         self.stride = max(DEFORMABLE_NETWORKS[c.base_network].stride,
                           AFFINE_NETWORKS[c.affine].stride if c.affine else 1)
-        check_size(c.image_size, self.stride, f"{c.base_network} ({c.preset})")
+        check_size(c.image_size, self.stride, f"{c.base_network} ({c.preset})",
+                   minimum=getattr(DEFORMABLE_NETWORKS[c.base_network], "min_size", None))
         self.affine = (AFFINE_NETWORKS[c.affine](c.image_size, c.channels) if c.affine else None)
         net = DEFORMABLE_NETWORKS[c.base_network]
+        options = {"deep_supervision": True} if c.deep_supervision else {}
         self.cascades = nn.ModuleList(
-            net(c.channels, c.flow_multiplier) for _ in range(c.n_cascades * c.nets_per_cascade))
+            net(c.channels, c.flow_multiplier, **options) for _ in range(c.n_cascades * c.nets_per_cascade))
         self.transformer = SpatialTransformer()
 
     @property
@@ -137,13 +148,14 @@ class RecursiveCascadeNetwork(nn.Module):
                 raise ValueError(f"{name} image must have shape (B, 1, X, Y, Z), got {tuple(t.shape)}")
         if fixed.shape != moving.shape:
             raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} shapes differ")
-        check_size(fixed.shape[2:], self.stride, f"{self.config.base_network} ({self.config.preset})")
+        check_size(fixed.shape[2:], self.stride, f"{self.config.base_network} ({self.config.preset})",
+                   minimum=getattr(DEFORMABLE_NETWORKS[self.config.base_network], "min_size", None))
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, rep: int | None = None,
                 return_all_warped: bool = False) -> dict:
         self.check_input(fixed, moving)
         warp = self.transformer
-        flows, agg_flows, deformable, warped_all = [], [], [], []
+        flows, agg_flows, deformable, warped_all, deep_warped = [], [], [], [], []
         affine = None
         agg = None
         warped = moving
@@ -157,7 +169,10 @@ class RecursiveCascadeNetwork(nn.Module):
             if return_all_warped:
                 warped_all.append(warped)
         for k, net in enumerate(self.stages(rep)):
-            flow = net(fixed, warped)["flow"]
+            stage = net(fixed, warped)
+            flow = stage["flow"]
+            for deep in stage.get("deep_flows", []):
+                deep_warped.append(warp(moving, compose_stage(agg, deep, affine if k == 0 else None)))
             agg = compose_stage(agg, flow, affine if k == 0 else None)
             flows.append(flow)
             agg_flows.append(agg)
@@ -169,6 +184,8 @@ class RecursiveCascadeNetwork(nn.Module):
                "warped": warped, "affine": affine, "flow": agg}
         if return_all_warped:
             out["warped_all"] = warped_all
+        if deep_warped:
+            out["deep_warped"] = deep_warped
         return out
 
 
@@ -178,4 +195,5 @@ def build_model(config: ModelConfig | dict) -> RecursiveCascadeNetwork:
     return RecursiveCascadeNetwork(config)
 
 
-__all__ = ["ModelConfig", "RecursiveCascadeNetwork", "build_model", "PRESETS", "DEFAULT_PRESET", "SizeError"]
+__all__ = ["ModelConfig", "RecursiveCascadeNetwork", "build_model", "PRESETS", "DEFAULT_PRESET", "DEFAULT_CHANNELS",
+           "SizeError"]
