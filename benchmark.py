@@ -38,8 +38,9 @@ import time
 
 import torch
 
-from network import DEFORMABLE_NETWORKS, ModelConfig, build_model, count_parameters, layers
+from network import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, ModelConfig, build_model, count_parameters, layers
 from network.checkpoint import atomic_write_text
+from network.cli import fail, nonneg_int, positive_float, positive_int
 from network.inference import prepare, register, set_threads, tune_allocator
 
 # key -> (label, ModelConfig keywords)
@@ -64,28 +65,68 @@ REFERENCES = {"vs_vtn1": "vtn-1", "vs_vtn10": "vtn-10"}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=128, help="cubic image size (VTN models need a multiple of 64)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's default)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per model (the median is reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per model first")
+    p.error = fail                       # a bad option is one error line (no usage block), exit 2
+    p.add_argument("--size", type=positive_int, default=128, help="cubic image size (VTN models need a multiple of 64)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's default)")
+    p.add_argument("--runs", type=positive_int, default=5, help="timed runs per model (the median is reported)")
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed runs per model first")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated keys from: " + ", ".join(MODELS))
     p.add_argument("--no_network_rows", action="store_true", help="skip the single-network forward rows")
     p.add_argument("--plain", action="store_true", help="also time the unoptimised path")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: the CPU, and the GPU too when one is present")
-    p.add_argument("--gpu_batch", type=int, default=8, help="the larger batch timed on the GPU")
-    p.add_argument("--peak_gflops", type=float, default=157.0,
+    p.add_argument("--gpu_batch", type=positive_int, default=8, help="the larger batch timed on the GPU")
+    p.add_argument("--peak_gflops", type=positive_float, default=157.0,
                    help="fp32 peak used for the FLOP floor (default 157: 2 AVX2/FMA cores at 2.45 GHz)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--json", default=os.path.join("evaluate", "benchmark.json"), help="where to write the results")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    if args.runs < 1 or args.warmup < 0 or args.size < 16:
-        p.error("--runs must be >= 1, --warmup >= 0 and --size >= 16")
+    if not args.models:
+        p.error("--models: no model named")
+    problem = size_problem(args)
+    if problem:
+        p.error(problem)
+    if not args.json or os.path.isdir(args.json):
+        p.error(f"--json {args.json!r}: a file path is needed")
+    parent = os.path.dirname(os.path.abspath(args.json))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        p.error(f"--json {args.json}: cannot write there ({parent} is not a writable folder)")
     return args
+
+
+def size_needs(args) -> list:
+    """``(what, stride, minimum)`` for every model and network row of the run."""
+    needs = []
+    for key in args.models:
+        config = ModelConfig(image_size=(64,) * 3, **MODELS[key][1])
+        net = DEFORMABLE_NETWORKS[config.base_network]
+        stride = max(net.stride, AFFINE_NETWORKS[config.affine].stride if config.affine else 1)
+        minimum = max(stride, getattr(net, "min_size", None) or 0, 48 if config.affine == "LDRAffine" else 0,
+                      16)
+        needs.append((f"model {key}", stride, minimum))
+    if not args.no_network_rows:
+        for name in NETWORK_ONLY:
+            net = DEFORMABLE_NETWORKS[name]
+            needs.append((f"the {name} network-only row", net.stride, max(net.stride, getattr(net, "min_size", None)
+                                                                         or 0, 16)))
+    return needs
+
+
+def size_problem(args) -> str | None:
+    """One line when ``--size`` does not fit a model of the run (not divisible by its stride, or too small)."""
+    for what, stride, minimum in size_needs(args):
+        if args.size % stride or args.size < minimum:
+            fits = [n for n in range(minimum, minimum + 4 * stride + 1) if n % stride == 0][:2]
+            hint = "; --no_network_rows skips those rows" if "row" in what else ""
+            return (f"--size {args.size}: {what} needs a multiple of {stride} and at least {minimum} "
+                    f"(e.g. {' or '.join(map(str, fits))}){hint}")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -307,8 +348,7 @@ def main(argv=None):
     threads = set_threads(args.threads)
     settings = [("cpu", 1, False)]
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("benchmark.py: error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
+        fail("--device cuda: no CUDA device is available")
     if args.device == "cuda":
         settings = []
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
@@ -344,4 +384,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from network.cli import run
+    sys.exit(run(main))

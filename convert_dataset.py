@@ -32,7 +32,6 @@ import csv
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import h5py
@@ -42,7 +41,8 @@ from data_util.image_io import NIFTI_SUFFIXES, ImageError, load_image, load_labe
     read_landmarks, same_grid
 from data_util.preprocess import add_preprocessing_args, corners, label_box, model_grid, normalisation_for, orientation_matrix, resample, \
     resample_labels, world_to_voxel
-from train import fail
+from network.cli import fail, nonneg_int, positive_float, positive_int, unit_float
+from network.outputs import OutputError, atomic_output
 
 CSV_COLUMNS = ("id", "image", "label", "landmarks")
 LANDMARK_SUFFIXES = (".csv", ".txt")
@@ -50,18 +50,19 @@ LANDMARK_SUFFIXES = (".csv", ".txt")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail                       # a bad option is one error line (no usage block), exit 2
     p.add_argument("--images", required=True, help="folder of scans, or a CSV list id,image[,label][,landmarks]")
     p.add_argument("--labels", help="folder of label maps named by scan id (folder input only)")
     p.add_argument("--landmarks", help="folder of landmark files <id>.csv / <id>.txt (folder input only)")
     p.add_argument("--landmark_units", choices=["mm", "voxel"], default="mm",
                    help="mm: world RAS+ coordinates; voxel: indices into that scan (default mm)")
     p.add_argument("-o", "--output", required=True, help="output path without extension: writes <output>.h5/.json")
-    p.add_argument("--size", type=int, nargs=3, default=(128, 128, 128), help="model grid size (default 128^3)")
-    p.add_argument("--spacing", type=float, default=None,
+    p.add_argument("--size", type=positive_int, nargs=3, default=(128, 128, 128), help="model grid size (default 128^3)")
+    p.add_argument("--spacing", type=positive_float, default=None,
                    help="grid spacing in mm (default: the smallest one spacing that fits every scan)")
-    p.add_argument("--val", type=float, default=None, help="random validation fraction (default 0.2)")
+    p.add_argument("--val", type=unit_float, default=None, help="random validation fraction (default 0.2)")
     p.add_argument("--val_ids", default=None, help="comma-separated validation scan ids (instead of --val)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random validation split")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the random validation split")
     p.add_argument("--image_type", default=None, help="image_type in the JSON (default: the output name)")
     add_preprocessing_args(p)
     return p.parse_args(argv)
@@ -260,7 +261,8 @@ def survey(scans, args) -> None:
         else:
             scan.box = corners(image)
         if scan.landmarks:
-            scan.points = read_landmarks(scan.landmarks, image, args.landmark_units)
+            # landmarks off the grid become -1 rows; only absurd ones (1e30, wrong units) are refused
+            scan.points = read_landmarks(scan.landmarks, image, args.landmark_units, far=(10.0, 1000.0))
 
 
 def common_spacing(scans, args) -> float:
@@ -342,54 +344,49 @@ def write_dataset(scans, args, spacing: float, train: list, val: list) -> tuple:
     if not name:
         raise ImageError(f"{args.output}: the output needs a file name, e.g. datasets/mycohort")
     created = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
-    temps = []
-    for suffix in (".h5", ".json"):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix + ".tmp", dir=folder)
-        os.close(fd)
-        temps.append(tmp)
-    h5_tmp, json_tmp = temps
     n_points = max((len(s.points) for s in scans if s.points is not None), default=0)
     values = set()
+    paths = (os.path.join(folder, f"{name}.h5"), os.path.join(folder, f"{name}.json"))
     done = False
     try:
-        with h5py.File(h5_tmp, "w") as f:
-            for scan in scans:
-                result = convert_scan(scan, args, spacing, n_points)
-                group = f.create_group(scan.key)
-                for key, value in result["arrays"].items():
-                    group.create_dataset(key, data=value, track_times=False)
-                group.attrs.update(result["attrs"])
-                if "segmentation" in result["arrays"]:
-                    values |= set(np.unique(result["arrays"]["segmentation"]).tolist()) - {0}
-        config = {"files": {"/": {"type": "HDF5", "path": f"{name}.h5"}},
-                  "image_size": [int(s) for s in args.size],
-                  "image_type": args.image_type or name}
-        if values:
-            config["segmentation_class_value"] = {str(v): int(v) for v in sorted(values)}
-        config["subsets"] = {f"{name}-train": train, f"{name}-val": val}
-        config["schemes"] = {"1": {f"{name}-train": 1.0}, "2": {f"{name}-val": 1.0}}
-        config["preprocessing"] = {
-            "source": os.path.abspath(args.images), "labels": args.labels and os.path.abspath(args.labels),
-            "landmarks": args.landmarks and os.path.abspath(args.landmarks), "landmark_units": args.landmark_units,
-            "orientation": args.orientation.upper(), "spacing_mm": spacing,
-            "spacing_from": "--spacing" if args.spacing is not None else "fit to the largest scan",
-            "modality": args.modality, "window": list(args.window), "percentiles": list(args.percentiles),
-            "crop": args.crop, "margin": args.margin, "label_interp": args.label_interp,
-            "intensity": "volume = rint(255 * normalised); per scan: HDF5 attribute 'normalisation'",
-            "split": {"val_ids": args.val_ids} if args.val_ids is not None else
-                     {"val": 0.2 if args.val is None else args.val, "seed": args.seed}}
-        with open(json_tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-        paths = (os.path.join(folder, f"{name}.h5"), os.path.join(folder, f"{name}.json"))
-        os.replace(h5_tmp, paths[0])
-        os.replace(json_tmp, paths[1])
+        # temporary files renamed into place (normal permissions; a full disk or a kill leaves no
+        # partial file); the HDF5 file is renamed first, the JSON that names it last
+        with atomic_output(paths[1]) as json_tmp:
+            with atomic_output(paths[0]) as h5_tmp:
+                with h5py.File(h5_tmp, "w") as f:
+                    for scan in scans:
+                        result = convert_scan(scan, args, spacing, n_points)
+                        group = f.create_group(scan.key)
+                        for key, value in result["arrays"].items():
+                            group.create_dataset(key, data=value, track_times=False)
+                        group.attrs.update(result["attrs"])
+                        if "segmentation" in result["arrays"]:
+                            values |= set(np.unique(result["arrays"]["segmentation"]).tolist()) - {0}
+                config = {"files": {"/": {"type": "HDF5", "path": f"{name}.h5"}},
+                          "image_size": [int(s) for s in args.size],
+                          "image_type": args.image_type or name}
+                if values:
+                    config["segmentation_class_value"] = {str(v): int(v) for v in sorted(values)}
+                config["subsets"] = {f"{name}-train": train, f"{name}-val": val}
+                config["schemes"] = {"1": {f"{name}-train": 1.0}, "2": {f"{name}-val": 1.0}}
+                config["preprocessing"] = {
+                    "source": os.path.abspath(args.images), "labels": args.labels and os.path.abspath(args.labels),
+                    "landmarks": args.landmarks and os.path.abspath(args.landmarks),
+                    "landmark_units": args.landmark_units,
+                    "orientation": args.orientation.upper(), "spacing_mm": spacing,
+                    "spacing_from": "--spacing" if args.spacing is not None else "fit to the largest scan",
+                    "modality": args.modality, "window": list(args.window), "percentiles": list(args.percentiles),
+                    "crop": args.crop, "margin": args.margin, "label_interp": args.label_interp,
+                    "intensity": "volume = rint(255 * normalised); per scan: HDF5 attribute 'normalisation'",
+                    "split": {"val_ids": args.val_ids} if args.val_ids is not None else
+                             {"val": 0.2 if args.val is None else args.val, "seed": args.seed}}
+                with open(json_tmp, "w", encoding="utf-8") as f:
+                    json.dump(config, f, indent=2)
+                    f.write("\n")
+                    f.flush()
+                    os.fsync(f.fileno())
         done = True
     finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         if created and not done:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
@@ -410,7 +407,7 @@ def main(argv=None):
         print(f"{len(scans)} scans; grid {tuple(args.size)} at {spacing:.4f} mm, orientation "
               f"{args.orientation.upper()}, crop {args.crop}", flush=True)
         paths = write_dataset(scans, args, spacing, train, val)
-    except ImageError as e:
+    except (ImageError, OutputError) as e:
         fail(str(e))
     except ValueError as e:
         fail(f"{args.images}: {e}")
@@ -422,4 +419,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from network.cli import run
+    sys.exit(run(main))

@@ -2,9 +2,12 @@
 
 ``python eval.py -g -1 --batch 1 --checkpoint weights/<run>[:STEP] [-v sliver] [-r REP] [--paired]``
 
-Writes ``evaluate/<name>.txt`` (one line per pair, then a Summary block of mean (std)), and
-``evaluate/<name>.json`` / ``.csv`` with every pair's metrics, the model config, parameter count and
+Writes one folder per evaluation, as a set (staged, then swapped into place whole):
+``evaluate/<name>/<name>.txt`` (one line per pair, then a Summary block of mean (std)), and
+``<name>.json`` / ``<name>.csv`` with every pair's metrics, the model config, parameter count and
 mean seconds per pair (fast-path registration, flow + warped image, after one warm-up batch).
+The default name is ``<run>-<step>-<split>``, plus ``-r<rep>``, ``-<dataset>`` and ``-n<limit>`` when
+``-r``, another ``-d`` or ``--limit`` is given, so sweeps do not overwrite each other.
 
 Learn2Reg datasets (or ``--l2r``) are also scored the challenge way (``l2r_*`` columns): Dice per label
 and mean (nearest-neighbour label warp), Dice30, HD95 in voxels and mm, SDlogJ, % folding.
@@ -18,9 +21,7 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -29,38 +30,41 @@ from data_util import DatasetError
 from data_util.learn2reg import make_dataset_loader, uncrop_flow
 from data_util.submission import write_displacement
 from network import CheckpointError, SizeError, build_model, count_parameters, load_checkpoint
-from network.checkpoint import atomic_write_text
+from network.checkpoint import load_weights
+from network.cli import HelpFormatter, nonneg_float, nonneg_int, positive_float, positive_int, run_name
+from network.outputs import OutputSet, atomic_write_text
 from network.inference import prepare, register, tune_allocator
 from network.metrics import METRIC_KEYS, l2r_pair_scores, pair_metrics, summarise, summarise_l2r
-from train import fail, load_dataset, resolve_device, stored_dataset, to_device
+from network.cli import fail, load_dataset, resolve_device, stored_dataset, to_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("-c", "--checkpoint", required=True, help="weights/<run>[:STEP] or a ckpt_<step>.pt file")
     p.add_argument("-d", "--dataset", default=None, help="dataset JSON (default: the one used for training)")
     p.add_argument("-v", "--val_subset", default=None, help="scheme to evaluate (default '2', the validation split)")
     p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
-    p.add_argument("--batch", type=int, default=1, help="pairs per forward pass")
-    p.add_argument("-r", "--rep", type=int, default=None, help="shared-weight repetitions at test time")
+    p.add_argument("--batch", type=positive_int, default=1, help="pairs per forward pass")
+    p.add_argument("-r", "--rep", type=positive_int, default=None, help="shared-weight repetitions at test time")
     p.add_argument("--paired", action="store_true", help="adjacent entries are pairs (LSPIG)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs")
-    p.add_argument("--name", default=None, help="output name (default <run>-<step>-<subset>)")
-    p.add_argument("--out_dir", default="evaluate", help="folder for the .txt/.json/.csv results")
-    p.add_argument("--spacing", type=float, nargs=3, default=None, help="voxel spacing in mm for landmark distances")
-    p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N pairs")
+    p.add_argument("--name", type=run_name, default=None,
+                   help="output name (default <run>-<step>-<split>[-r<rep>][-<dataset>][-n<limit>])")
+    p.add_argument("--out_dir", default="evaluate", help="folder that receives the <name>/ result folder")
+    p.add_argument("--spacing", type=positive_float, nargs=3, default=None, help="voxel spacing in mm for landmark distances")
+    p.add_argument("--workers", type=nonneg_int, default=1, help="data loader worker processes")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch default)")
     c = p.add_argument_group("Learn2Reg challenge scoring and submission")
     c.add_argument("--l2r", action="store_true",
                    help="score the challenge way also on RCN datasets (on by default for Learn2Reg datasets)")
-    c.add_argument("--sdlogj_offset", type=float, default=3.0,
+    c.add_argument("--sdlogj_offset", type=nonneg_float, default=3.0,
                    help="SDlogJ = std(log(J + offset)): 3 in the organisers' current script, 15 in Estienne et al.'s")
-    c.add_argument("--crop", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+    c.add_argument("--crop", type=positive_int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="Learn2Reg datasets: crop size (default: the training run's, else the dataset JSON's)")
     c.add_argument("--submission", default=None, metavar="DIR",
                    help="write DIR/task_<NN>/disp_<fixed>_<moving>.npz (float16, (3, X, Y, Z) on the original "
                         "fixed grid) for every pair")
-    c.add_argument("--task", type=int, default=4, help="challenge task number of the submission folder")
+    c.add_argument("--task", type=nonneg_int, default=4, help="challenge task number of the submission folder")
     return p.parse_args(argv)
 
 
@@ -96,16 +100,15 @@ def l2r_text(l2r: dict, labels, offset: float) -> str:
 
 
 class SubmissionFolder:
-    """Collects ``disp_<fixed>_<moving>.npz`` files in a staging folder next to ``<root>/task_<NN>`` and
-    moves it into place in :meth:`commit`, so an interrupted run leaves no half-written submission.
+    """Collects ``disp_<fixed>_<moving>.npz`` files as one :class:`~network.outputs.OutputSet`
+    (``<root>/task_<NN>``), so an interrupted run leaves no half-written submission.
 
     Flows of cropped Learn2Reg pairs are mapped back to the original fixed grid (:func:`uncrop_flow`).
     """
 
     def __init__(self, root: str, task: int):
-        self.final = os.path.join(root, f"task_{task:02d}")
-        os.makedirs(root, exist_ok=True)
-        self.staging = tempfile.mkdtemp(prefix=f".task_{task:02d}.partial-", dir=root)
+        self.set = OutputSet(os.path.join(root, f"task_{task:02d}"))
+        self.final, self.staging = self.set.final, self.set.staging
         self.written = []
 
     def add(self, batch: dict, i: int, flow: torch.Tensor) -> None:
@@ -115,18 +118,12 @@ class SubmissionFolder:
         self.written.append(write_displacement(self.staging, batch["id1"][i], batch["id2"][i], flow))
 
     def commit(self) -> str:
-        old = None
-        if os.path.exists(self.final):
-            old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(self.final))
-            os.replace(self.final, os.path.join(old, "task"))
-        os.replace(self.staging, self.final)
-        if old is not None:
-            shutil.rmtree(old)
+        self.set.commit()
         self.written = [os.path.join(self.final, os.path.basename(p)) for p in self.written]
         return self.final
 
     def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.set.discard()
 
 
 def render_txt(rows, summary, info, l2r=None) -> str:
@@ -194,6 +191,43 @@ def evaluate_pairs(model, loader, device, class_values, l2r_labels, args, submis
         fail(str(e))
 
 
+def default_name(args, state, split: str, dataset_path: str) -> str:
+    """``<run>-<step>-<split>``, with ``-r<rep>``, ``-<dataset>`` and ``-n<limit>`` when they are given."""
+    run = os.path.basename(os.path.dirname(os.path.abspath(state["path"])))
+    name = f"{run}-{state['step']}-{split}"
+    if args.rep is not None:
+        name += f"-r{args.rep}"
+    trained_on = (state.get("train_args") or {}).get("dataset_abspath")
+    if args.dataset and os.path.abspath(dataset_path) != trained_on:
+        name += "-" + os.path.splitext(os.path.basename(dataset_path))[0]
+    if args.limit is not None:
+        name += f"-n{args.limit}"
+    return name
+
+
+def load_model(state: dict, config: dict, dataset):
+    """The checkpoint's model with its weights, checked against the dataset's image size."""
+    try:
+        model = build_model(config)
+    except (SizeError, ValueError) as e:
+        fail(f"{state['path']}: {str(e).splitlines()[0]}")
+    load_weights(model, state)
+    if tuple(dataset.image_size) != tuple(model.config.image_size):
+        fail(f"{state['path']}: dataset size {tuple(dataset.image_size)} differs from the model's "
+             f"{tuple(model.config.image_size)}")
+    return model
+
+
+def write_results(out: OutputSet, name: str, rows, summary, info, l2r_summary) -> None:
+    report = {"info": info, "summary": {k: {"mean": m, "std": s, "n": n} for k, (m, s, n) in summary.items()}}
+    if l2r_summary is not None:
+        report["learn2reg"] = l2r_summary
+    report["pairs"] = rows
+    atomic_write_text(out.path(name + ".json"), json.dumps(report, indent=1))
+    atomic_write_text(out.path(name + ".csv"), render_csv(rows))
+    atomic_write_text(out.path(name + ".txt"), render_txt(rows, summary, info, l2r_summary))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads > 0:
@@ -208,29 +242,22 @@ def main(argv=None):
         config["rep"] = args.rep
     dataset_path = args.dataset or stored_dataset(state)
     split = args.val_subset or "2"
-    crop = args.crop or state["train_args"].get("crop")
-    dataset = load_dataset(dataset_path, args.paired or bool(state["train_args"].get("paired")), [split], crop)
+    train_args = state.get("train_args") or {}
+    crop = args.crop or train_args.get("crop")
+    dataset = load_dataset(dataset_path, args.paired or bool(train_args.get("paired")), [split], crop)
     try:
         loader = make_dataset_loader(dataset, split, args.batch, loop=False, num_workers=args.workers,
                                      limit=args.limit)
     except DatasetError as e:
         fail(str(e))
-    try:
-        model = build_model(config)
-        model.load_state_dict(state["model"])
-        if tuple(dataset.image_size) != tuple(model.config.image_size):
-            raise SizeError(f"dataset size {tuple(dataset.image_size)} differs from the model's "
-                            f"{tuple(model.config.image_size)}")
-    except (SizeError, ValueError, RuntimeError) as e:
-        fail(f"{state['path']}: {str(e).splitlines()[0]}")
-    model = prepare(model.to(device))
+    model = prepare(load_model(state, config, dataset).to(device))
     tune_allocator()
     n_params = count_parameters(model)
     class_values = list(dataset.segmentation_class_value.values()) if dataset.segmentation_class_value else None
     l2r_labels = (class_values or [255]) if (args.l2r or getattr(dataset, "image_type", None) == "learn2reg") else None
+    name = args.name or default_name(args, state, split, dataset_path)
+    out = OutputSet(os.path.join(args.out_dir, name))         # fails now, not after the evaluation, if unwritable
     submission = SubmissionFolder(args.submission, args.task) if args.submission else None
-    run = os.path.basename(os.path.dirname(os.path.abspath(state["path"])))
-    name = args.name or f"{run}-{state['step']}-{split}"
     print(f"evaluating {state['path']} (step {state['step']}, {n_params:,} params, rep {model.config.rep}) "
           f"on '{split}': {dataset.num_pairs(split) if args.limit is None else args.limit} pairs")
 
@@ -240,27 +267,25 @@ def main(argv=None):
         evaluate_pairs(model, loader, device, class_values, l2r_labels, args, submission, rows, times, tqdm)
         if not rows:
             fail(f"{dataset_path}: split '{split}' has no pairs")
+        summary = summarise(rows)
+        l2r_summary = summarise_l2r(rows, [k for k in rows[0] if k.startswith("l2r_")]) if l2r_labels else None
+        info = {"checkpoint": state["path"], "step": state["step"], "dataset": dataset_path, "split": split,
+                "model_config": model.config.to_dict(), "n_params": n_params, "n_pairs": len(rows),
+                "seconds_per_pair": sum(times) / len(times), "device": str(device), "batch": args.batch,
+                "threads": torch.get_num_threads()}
+        if l2r_summary is not None:
+            info.update(l2r_labels=l2r_labels, sdlogj_offset=args.sdlogj_offset)
+        if submission is not None:
+            info["submission"] = os.path.join(args.submission, os.path.basename(submission.final))
+        write_results(out, name, rows, summary, info, l2r_summary)
+        if submission is not None:
+            submission.commit()
+        out.commit()
     except BaseException:
+        out.discard()
         if submission is not None:
             submission.discard()
         raise
-    summary = summarise(rows)
-    l2r_summary = summarise_l2r(rows, [k for k in rows[0] if k.startswith("l2r_")]) if l2r_labels else None
-    info = {"checkpoint": state["path"], "step": state["step"], "dataset": dataset_path, "split": split,
-            "model_config": model.config.to_dict(), "n_params": n_params, "n_pairs": len(rows),
-            "seconds_per_pair": sum(times) / len(times), "device": str(device), "batch": args.batch,
-            "threads": torch.get_num_threads()}
-    base = os.path.join(args.out_dir, name)
-    report = {"info": info, "summary": {k: {"mean": m, "std": s, "n": n} for k, (m, s, n) in summary.items()}}
-    if l2r_summary is not None:
-        info.update(l2r_labels=l2r_labels, sdlogj_offset=args.sdlogj_offset)
-        report["learn2reg"] = l2r_summary
-    report["pairs"] = rows
-    if submission is not None:
-        info["submission"] = submission.commit()
-    atomic_write_text(base + ".json", json.dumps(report, indent=1))
-    atomic_write_text(base + ".csv", render_csv(rows))
-    atomic_write_text(base + ".txt", render_txt(rows, summary, info, l2r_summary))
     print(f"Dice {fmt(summary['dice'][0])} ({fmt(summary['dice'][1])}), before registration "
           f"{fmt(summary['dice_before'][0])}; Jacc {fmt(summary['jacc'][0])}; landmark dist "
           f"{fmt(summary['landmark_dist'][0])} (before {fmt(summary['landmark_dist_before'][0])}); "
@@ -269,9 +294,11 @@ def main(argv=None):
         print(l2r_text(l2r_summary, l2r_labels, args.sdlogj_offset).rstrip())
     if submission is not None:
         print(f"wrote {len(submission.written)} displacement files to {info['submission']}")
+    base = os.path.join(args.out_dir, name, name)
     print(f"wrote {base}.txt, {base}.json, {base}.csv")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from network.cli import run
+    sys.exit(run(main))

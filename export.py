@@ -29,6 +29,7 @@ inside the TorchScript module.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -41,9 +42,10 @@ import torch
 import torch.nn.functional as F
 
 from network import CheckpointError, SizeError, build_model, layers, load_checkpoint
-from network.checkpoint import atomic_output
+from network.checkpoint import atomic_output, load_weights
+from network.cli import fail, nonneg_float, positive_int
 from network.inference import FastRegistration, register
-from train import fail
+from network.outputs import OutputError
 
 FORMATS = ("torchscript", "onnx")
 SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -75,23 +77,22 @@ class ExportError(Exception):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail                       # a bad option is one error line (no usage block), exit 2
     p.add_argument("-c", "--checkpoint", required=True, help="weights/<run>[:STEP] or a ckpt_<step>.pt file")
     p.add_argument("--format", nargs="+", choices=FORMATS, default=["torchscript"],
                    help="formats to write (default: torchscript)")
     p.add_argument("-o", "--output", default=None,
                    help="output prefix (default: <checkpoint folder>/export/<run>_<step>)")
-    p.add_argument("--batch", type=int, default=1, help="batch size B of the exported input shape (B, 1, X, Y, Z)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size B of the exported input shape (B, 1, X, Y, Z)")
     p.add_argument("--check", dest="check", action="store_true", default=True,
                    help="reload the exported files and compare them with the eager model (the default)")
     p.add_argument("--no_check", dest="check", action="store_false", help="skip that check")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    p.add_argument("--tolerance", type=nonneg_float, default=DEFAULT_TOLERANCE,
                    help=f"largest max-abs difference the check accepts, in voxels for the flow and intensity "
                         f"units for the warped image (default {DEFAULT_TOLERANCE:g})")
     p.add_argument("--onnx_exporter", choices=("dynamo", "legacy"), default="dynamo",
                    help="torch.onnx.export(dynamo=True) (default) or the deprecated TorchScript-based exporter")
     args = p.parse_args(argv)
-    if args.batch < 1:
-        p.error("--batch must be >= 1")
     args.format = list(dict.fromkeys(args.format))
     return args
 
@@ -103,9 +104,9 @@ def load_model(spec: str):
     state = load_checkpoint(spec)
     try:
         model = build_model(dict(state["model_config"]))
-        model.load_state_dict(state["model"])
-    except (SizeError, ValueError, RuntimeError, TypeError) as e:
+    except (SizeError, ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{state['path']}: {str(e).strip().splitlines()[0]}") from None
+    load_weights(model, state)
     return model.eval(), state
 
 
@@ -184,15 +185,23 @@ def first_line(e: BaseException) -> str:
 
 def export_torchscript(module, example, path: str) -> None:
     """``torch.jit.trace`` ``module`` on ``example`` = ``(fixed, moving)`` and save it atomically.
-    Raises :class:`ExportError` if tracing or saving fails."""
+    Raises :class:`ExportError` if tracing fails, :class:`OutputError` if writing fails.
+
+    The archive is serialised in memory and written with Python: ``torch.jit.save`` to a path
+    aborts the whole process (C++ ``terminate``) when the disk fills up, leaving its temp file."""
     try:
         with tracing_mode():
             # check_trace re-runs and re-traces; the export check (on another pair) is stronger
             traced = torch.jit.trace(module, example, check_trace=False)
-            with atomic_output(path) as tmp:
-                torch.jit.save(traced, tmp)
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer)
     except (RuntimeError, torch.jit.Error) as e:
         raise ExportError(f"TorchScript export failed: {first_line(e)}") from None
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def load_torchscript(path: str):
@@ -227,14 +236,42 @@ def export_onnx(module, example, path: str, exporter: str = "dynamo") -> None:
     ``flow``/``warped``), atomically. Raises :class:`ExportError` on any exporter failure."""
     require_packages(onnx_packages(exporter))
     names = dict(input_names=["fixed", "moving"], output_names=["flow", "warped"], opset_version=ONNX_OPSET)
+    folder = os.path.dirname(os.path.abspath(path))
+    before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    temp = []
     try:
         with tracing_mode(), atomic_output(path) as tmp:
+            temp.append(os.path.basename(tmp))
             if exporter == "dynamo":
                 torch.onnx.export(module, example, tmp, dynamo=True, external_data=False, verbose=False, **names)
             else:
                 torch.onnx.export(module, example, tmp, dynamo=False, **names)
+            if side_files(folder, before, temp):     # external data would name the temp file: refuse
+                raise ExportError(f"{path}: the ONNX exporter wrote its weights to separate files (a model over "
+                                  f"2 GB?); single-file export is needed")
+    except (OutputError, ExportError):
+        raise
     except Exception as e:  # the exporters raise many types (torch.export, onnxscript, ONNX checker errors)
-        raise ExportError(f"ONNX export ({exporter}) failed: {first_line(e)}") from None
+        reason = first_line(e)
+        if isinstance(e, OSError) or "No space left" in reason or "Errno" in reason:
+            raise OutputError(f"{path}: cannot write ({reason})") from None
+        raise ExportError(f"ONNX export ({exporter}) failed: {reason}") from None
+    finally:
+        for name in side_files(folder, before, temp):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def side_files(folder: str, before: set, temp: list) -> list:
+    """Files the exporter wrote beside the temporary ONNX file (external data: ``<tmp>.data`` and
+    the like), which would be left behind."""
+    if not temp or not os.path.isdir(folder):
+        return []
+    stem = temp[0]
+    base = stem[:stem.index(".", len(".tmp_"))] if "." in stem[len(".tmp_"):] else stem
+    return [n for n in os.listdir(folder) if n not in before and n != stem and n.startswith(base)]
 
 
 def load_onnx(path: str):
@@ -361,4 +398,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from network.cli import run
+    sys.exit(run(main))

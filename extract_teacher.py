@@ -25,7 +25,7 @@ from data_util import DatasetError, RCNDataset, make_loader, scan_id
 from data_util.teacher_flows import TeacherFlowError, TeacherFlowWriter, pair_key
 from network import CheckpointError, SizeError
 from network.aldk import OnlineTeacher
-from train import fail, resolve_device, stored_dataset, to_device
+from network.cli import fail, nonneg_int, positive_int, resolve_device, stored_dataset, to_device
 
 
 def parse_args(argv=None):
@@ -35,14 +35,14 @@ def parse_args(argv=None):
     p.add_argument("--split", default="1", help="scheme whose pairs are extracted (default '1', training)")
     p.add_argument("--paired", action="store_true", help="adjacent entries are pairs (LSPIG)")
     p.add_argument("--out", default=None, help="store file (default Teacher_deformations/<dataset>/<run>_<step>.h5)")
-    p.add_argument("--limit", type=int, default=None, help="extract only N pairs")
+    p.add_argument("--limit", type=positive_int, default=None, help="extract only N pairs")
     p.add_argument("--shuffle", action="store_true", help="with --limit: a random subset of pairs (--seed)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-r", "--rep", type=int, default=None, help="teacher shared-weight repetitions (default: its own)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("-r", "--rep", type=positive_int, default=None, help="teacher shared-weight repetitions (default: its own)")
     p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
-    p.add_argument("--batch", type=int, default=1, help="pairs per teacher forward pass")
-    p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--batch", type=positive_int, default=1, help="pairs per teacher forward pass")
+    p.add_argument("--workers", type=nonneg_int, default=1, help="data loader worker processes")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch default)")
     return p.parse_args(argv)
 
 
@@ -112,4 +112,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from network.cli import run
+    sys.exit(run(main))

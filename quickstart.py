@@ -5,7 +5,7 @@
 1. ``python -m data_util.synthetic`` writes an RCN-layout dataset (HDF5 + JSON) to ``data/synthetic``;
 2. ``python train.py -b LDR -n 1 -g -1 ...`` trains on its training split;
 3. ``python eval.py -g -1 --batch 1 --checkpoint weights/<output>`` scores held-out pairs and writes
-   ``evaluate/<name>.txt/.json/.csv``;
+   ``evaluate/<name>/<name>.txt/.json/.csv``;
 4. ``python -m data_util.export_nifti`` writes two held-out scans as NIfTI (1.5 mm LPS grid) and
    ``python register.py`` registers them as a user would register their own scans, writing the warped
    image, displacement field, Jacobian, landmarks and figure to ``evaluate/<name>_register/``.
@@ -35,14 +35,17 @@ def run(cmd):
 
 
 def main(argv=None):
+    sys.path.insert(0, ROOT)
+    from network.cli import positive_float, positive_int, run_name
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=64, help="synthetic volume size (divisible by 16, >= 48)")
-    p.add_argument("--train", type=int, default=20, help="synthetic training scans")
-    p.add_argument("--val", type=int, default=6, help="synthetic held-out scans (all ordered pairs are scored)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps (batch 1)")
-    p.add_argument("--lr", type=float, default=3e-4,
+    p.add_argument("--size", type=positive_int, default=64, help="synthetic volume size (divisible by 16, >= 48)")
+    p.add_argument("--train", type=positive_int, default=20, help="synthetic training scans")
+    p.add_argument("--val", type=positive_int, default=6, help="synthetic held-out scans (all ordered pairs are scored)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="training steps (batch 1)")
+    p.add_argument("--lr", type=positive_float, default=3e-4,
                    help="learning rate (3e-4 suits this short CPU run; the papers' long runs use 1e-4)")
-    p.add_argument("--output", default="quickstart", help="run name under weights/, logs/, evaluate/")
+    p.add_argument("--output", type=run_name, default="quickstart", help="run name under weights/, logs/, evaluate/")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -53,7 +56,7 @@ def main(argv=None):
     dataset = os.path.join(data_dir, "synthetic.json")
     run([py, os.path.join(ROOT, "train.py"), "-b", "LDR", "-n", "1", "-g", "-1", "--round", str(args.steps), "--epochs", "1",
          "--batch", "1", "--output", args.output, "-d", dataset, "--val_steps", str(max(1, args.steps // 4)),
-         "--save_steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed)])
+         "--save_steps", str(args.steps), "--lr", str(args.lr), "--seed", str(args.seed), "--overwrite"])
     run([py, os.path.join(ROOT, "eval.py"), "-g", "-1", "--batch", "1", "--checkpoint", os.path.join("weights", args.output),
          "--name", args.output])
     nifti_dir = os.path.join(data_dir, "nifti")
@@ -65,7 +68,7 @@ def main(argv=None):
          "--moving_label", scan("val_001_label.nii.gz"), "--fixed_landmarks", scan("val_000_landmarks.csv"),
          "--moving_landmarks", scan("val_001_landmarks.csv"), "--modality", "uint8",
          "-o", os.path.join("evaluate", args.output + "_register")])
-    with open(os.path.join("evaluate", args.output + ".json")) as f:
+    with open(os.path.join("evaluate", args.output, args.output + ".json")) as f:
         result = json.load(f)
     s, info = result["summary"], result["info"]
     print("\n== quickstart result (held-out synthetic pairs) ==")

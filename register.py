@@ -28,9 +28,7 @@ import csv
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -38,17 +36,25 @@ import torch
 
 from data_util.image_io import ImageError, Volume, apply_affine, load_image, load_label_for, read_landmarks, \
     save_nifti
-from data_util.preprocess import Grid, add_preprocessing_args, label_box, model_grid, normalisation_for, resample, \
-    resample_labels
+from data_util.preprocess import MODEL_MODALITIES, Grid, add_preprocessing_args, label_box, model_grid, \
+    normalisation_for, preprocessing_arg_error, resample, resample_labels
 from data_util.world_transform import WorldDisplacement
 from network import CheckpointError, SizeError, build_model, load_checkpoint
-from network.checkpoint import atomic_write_text
+from network.checkpoint import atomic_write_text, load_weights
+from network.cli import explicit_dests, fail, positive_float, positive_int, resolve_device
 from network.inference import prepare, register, set_threads
-from train import fail, resolve_device
+from network.outputs import OutputError, OutputSet, os_error_reason
+
+# every file register.py may write: an existing -o folder holding anything else is not replaced
+OUTPUT_NAMES = ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "landmarks.csv",
+                "moving_landmarks_in_fixed.csv", "figure.png", "report.json")
+# a checkpoint's input_normalisation -> --modality
+TRAINED_MODALITIES = {"uint8": "uint8", "l2r": "l2r", "none": "none"}
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail                       # a bad option is one error line (no usage block), exit 2
     p.add_argument("-c", "--checkpoint", required=True, help="weights/<run>[:STEP] or a ckpt_<step>.pt file")
     p.add_argument("--fixed", required=True, help="fixed image: NIfTI file or DICOM series folder")
     p.add_argument("--moving", required=True, help="moving image: NIfTI file or DICOM series folder")
@@ -59,17 +65,28 @@ def parse_args(argv=None):
     p.add_argument("--moving_landmarks", help="corresponding moving landmarks, same count and order")
     p.add_argument("--landmark_units", choices=["mm", "voxel"], default="mm",
                    help="mm: world RAS+ coordinates; voxel: indices into that image (default mm)")
-    p.add_argument("--size", type=int, nargs=3, default=None, help="model grid size (default: the checkpoint's)")
-    p.add_argument("--spacing", type=float, default=None, help="model grid spacing in mm (default: fit the FOV)")
+    p.add_argument("--size", type=positive_int, nargs=3, default=None,
+                   help="model grid size (default: the checkpoint's)")
+    p.add_argument("--spacing", type=positive_float, default=None, help="model grid spacing in mm (default: fit the FOV)")
     p.add_argument("--align", choices=["none", "center", "com"], default="none",
                    help="initial translation of the moving image: none, field-of-view centres, or "
                         "intensity centres of mass (scans not in a common world frame)")
-    p.add_argument("-r", "--rep", type=int, default=None, help="shared-weight repetitions at test time")
+    p.add_argument("-r", "--rep", type=positive_int, default=None, help="shared-weight repetitions at test time")
     p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no_figure", action="store_true", help="skip figure.png")
-    add_preprocessing_args(p)
-    return p.parse_args(argv)
+    add_preprocessing_args(p, modalities=MODEL_MODALITIES)
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    problem = preprocessing_arg_error(args)
+    if problem:
+        p.error(problem)
+    args.explicit = explicit_dests(p, argv)
+    return args
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -86,14 +103,82 @@ def load_model(args, device):
         config["image_size"] = list(args.size)
     try:
         model = build_model(config)
-        model.load_state_dict(state["model"])
-    except (SizeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{state['path']}: {str(e).splitlines()[0]}") from None
+    except (SizeError, ValueError, TypeError, KeyError) as e:
+        where = f"--size {' '.join(map(str, args.size))}" if args.size is not None and isinstance(e, SizeError) \
+            else state["path"]
+        raise CheckpointError(f"{where}: {str(e).splitlines()[0]}") from None
+    load_weights(model, state)
     return prepare(model.to(device), channels_last=device.type == "cpu"), state
+
+
+def trained_normalisation(state: dict):
+    """``(modality, where it came from)`` the model was trained with, or ``(None, why unknown)``.
+
+    Checkpoints record ``input_normalisation``; for older ones an RCN HDF5 training dataset
+    (``train_args["dataset"]``, when its JSON can still be read) means uint8 volumes (/255)."""
+    stored = state.get("input_normalisation")
+    if isinstance(stored, str):
+        if stored in TRAINED_MODALITIES:
+            return TRAINED_MODALITIES[stored], f"checkpoint input_normalisation {stored!r}"
+        return None, f"checkpoint input_normalisation {stored!r} is unknown here"
+    dataset = (state.get("train_args") or {}).get("dataset")
+    for path in (dataset, (state.get("train_args") or {}).get("dataset_abspath")):
+        if not isinstance(path, str) or not path.lower().endswith(".json") or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        from data_util.learn2reg import is_learn2reg_config
+        if is_learn2reg_config(config):
+            mode = config.get("normalisation", "l2r")
+            if mode in TRAINED_MODALITIES:
+                return TRAINED_MODALITIES[mode], f"its Learn2Reg training dataset {path}"
+        elif isinstance(config, dict) and any(isinstance(v, dict) and str(v.get("type", "")).upper() == "HDF5"
+                                              for v in (config.get("files") or {}).values()):
+            return "uint8", f"its RCN HDF5 training dataset {path}"
+    return None, "the checkpoint does not record its input normalisation"
+
+
+def choose_modalities(args, state: dict, inputs: dict) -> dict:
+    """``{"fixed": modality, "moving": modality}``: the user's explicit ``--modality``, else the
+    model's training normalisation, else ``auto`` (today's detection)."""
+    trained, source = trained_normalisation(state)
+    given = args.modality if "modality" in args.explicit else None
+    if given not in (None, "auto"):
+        if trained is not None and given != trained:
+            print(f"register.py: warning: --modality {given} differs from the normalisation the model was "
+                  f"trained with ({trained}, from {source})", file=sys.stderr)
+        return {side: given for side in ("fixed", "moving")}
+    if trained is None:
+        print(f"note: {source}; --modality auto (CT window or MRI percentiles per image)")
+        return {side: "auto" for side in ("fixed", "moving")}
+    chosen = {}
+    for side in ("fixed", "moving"):
+        volume = inputs[side]
+        low, high = float(volume.data.min()), float(volume.data.max())
+        if trained == "uint8" and (low < -0.5 or high > 255.5):
+            print(f"register.py: warning: the model was trained on uint8 volumes (/255, from {source}) but "
+                  f"{volume.path} has values in [{low:.4g}, {high:.4g}]; using --modality auto for it "
+                  f"(pass --modality to choose)", file=sys.stderr)
+            chosen[side] = "auto"
+        else:
+            chosen[side] = trained
+    print(f"intensity normalisation from the model: {trained} ({source})")
+    return chosen
+
+
+def check_not_constant(volume: Volume) -> None:
+    data = volume.data
+    if data.size and float(data.max()) <= float(data.min()):
+        raise ImageError(f"{volume.path}: image is constant ({float(data.min()):g} everywhere); nothing to register")
 
 
 def load_inputs(args) -> dict:
     inputs = {"fixed": load_image(args.fixed), "moving": load_image(args.moving)}
+    for side in ("fixed", "moving"):
+        check_not_constant(inputs[side])
     for side in ("fixed", "moving"):
         path = getattr(args, f"{side}_label")
         inputs[f"{side}_label"] = load_label_for(inputs[side], path) if path else None
@@ -122,7 +207,8 @@ def preprocess(args, inputs, image_size) -> dict:
     fixed, moving = inputs["fixed"], inputs["moving"]
     box = label_box(inputs["fixed_label"], args.margin) if args.crop == "label" else None
     grid = model_grid(fixed, image_size, args.spacing, args.orientation, box=box)
-    norms = {side: normalisation_for(inputs[side], args.modality, args.window, args.percentiles)
+    modalities = args.modalities if hasattr(args, "modalities") else {"fixed": args.modality, "moving": args.modality}
+    norms = {side: normalisation_for(inputs[side], modalities[side], args.window, args.percentiles)
              for side in ("fixed", "moving")}
     translation = np.zeros(3)
     if args.align == "center":
@@ -131,9 +217,18 @@ def preprocess(args, inputs, image_size) -> dict:
     elif args.align == "com":
         translation = centre_of_mass(moving, norms["moving"]) - centre_of_mass(fixed, norms["fixed"])
     shift = (lambda w: w + translation[:, None, None, None]) if args.align != "none" else None
-    return {"grid": grid, "norms": norms, "translation": translation,
-            "fixed": norms["fixed"].apply(resample(fixed, grid)),
-            "moving": norms["moving"].apply(resample(moving, grid, world_map=shift))}
+    out = {"grid": grid, "norms": norms, "translation": translation,
+           "fixed": norms["fixed"].apply(resample(fixed, grid)),
+           "moving": norms["moving"].apply(resample(moving, grid, world_map=shift))}
+    for side in ("fixed", "moving"):
+        image, n = out[side], norms[side]
+        if not np.isfinite(image).all():
+            raise ImageError(f"{inputs[side].path}: NaN/Inf after {n.modality} normalisation; nothing to register")
+        if float(image.max()) <= float(image.min()):
+            raise ImageError(f"{inputs[side].path}: constant ({float(image.min()):g}) on the model grid after "
+                             f"{n.modality} normalisation [{n.low:.4g}, {n.high:.4g}] (the scan lies outside the "
+                             f"grid, or --modality / --window do not fit it); nothing to register")
+    return out
 
 
 # ---- outputs on the fixed grid --------------------------------------------------------------------
@@ -252,18 +347,62 @@ def run_network(model, prep: dict, device, rep=None):
     return out["flow"][0].float().cpu().numpy(), out["warped"][0, 0].float().cpu().numpy()
 
 
-def write_outputs(out_dir: str, files: dict) -> None:
-    """Write every output into a staging folder, then move each file into ``out_dir`` (each
-    file appears whole; on an error nothing new appears)."""
-    os.makedirs(out_dir, exist_ok=True)
-    stage = tempfile.mkdtemp(prefix=".staging_", dir=out_dir)
+def check_output_folder(out_dir: str) -> None:
+    """``-o`` may be new, empty, or a previous register.py output (``report.json`` and only our
+    files), which is then replaced as a whole; anything else is refused, never deleted."""
+    parent = os.path.dirname(os.path.abspath(out_dir))      # the new set is staged beside -o
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out_dir}: cannot write here ({parent} is read-only or not writable)")
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise OutputError(f"{out_dir}: -o exists and is not a folder")
     try:
-        for name, writer in files.items():
-            writer(os.path.join(stage, name))
-        for name in files:
-            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        names = sorted(os.listdir(out_dir))
+    except OSError as e:
+        raise OutputError(f"{out_dir}: cannot read the -o folder ({e.strerror or e})") from None
+    if not names:
+        return
+    if "report.json" not in names:
+        raise OutputError(f"{out_dir}: -o is a non-empty folder that is not a register.py output (no report.json); "
+                          f"choose a new or empty folder")
+    listed = set(OUTPUT_NAMES)
+    try:
+        with open(os.path.join(out_dir, "report.json"), encoding="utf-8") as f:
+            listed |= {n for n in json.load(f).get("files", []) if isinstance(n, str)}
+    except (OSError, ValueError, AttributeError):
+        pass
+    other = [n for n in names if n not in listed]
+    if other:
+        raise OutputError(f"{out_dir}: -o holds {other[0]!r}, which register.py did not write; the folder would be "
+                          f"replaced as a whole, so choose a new or empty folder")
+
+
+def write_outputs(out_dir: str, files: dict, report=None) -> None:
+    """Write every output (and ``report.json``, from ``report()`` called after the others are
+    written) into a staging folder, then swap it into place as ``out_dir``: the folder holds the
+    complete old set or the complete new one, never a mix; on an error nothing changes."""
+    with OutputSet(out_dir) as out:
+        try:
+            for name, writer in files.items():
+                writer(out.path(name))
+            if report is not None:
+                atomic_write_text(out.path("report.json"), json.dumps(report(), indent=2) + "\n")
+        except (OSError, OutputError) as e:       # name the file as the user knows it, not the staging folder
+            reason = str(e) if isinstance(e, OutputError) else f"cannot write ({os_error_reason(e, out.staging)})"
+            where = os.path.join(out_dir, os.path.basename(getattr(e, "filename", None) or ""))
+            message = reason.replace(out.staging, out_dir.rstrip(os.sep)) if isinstance(e, OutputError) \
+                else f"{where}: {reason}"
+            raise OutputError(message) from None
+
+
+def check_finite(name: str, array: np.ndarray, checkpoint: str) -> None:
+    bad = int((~np.isfinite(array)).sum())
+    if bad:
+        raise ImageError(f"{checkpoint}: the registration produced {bad} NaN/Inf values in the {name} "
+                         f"(NaN weights in the checkpoint?); nothing written")
 
 
 def main(argv=None):
@@ -283,9 +422,11 @@ def main(argv=None):
         fail(str(e))
     device = resolve_device(args.gpu)
     try:
+        check_output_folder(args.output)
         model, state = load_model(args, device)
         inputs = load_inputs(args)
-    except (CheckpointError, ImageError) as e:
+        args.modalities = choose_modalities(args, state, inputs)
+    except (CheckpointError, ImageError, OutputError) as e:
         fail(str(e))
     image_size = tuple(model.config.image_size)
     fixed, moving = inputs["fixed"], inputs["moving"]
@@ -300,12 +441,17 @@ def main(argv=None):
     grid = prep["grid"]
     for side in ("fixed", "moving"):
         n = prep["norms"][side]
-        print(f"{side} intensities: {n.modality}, [{n.low:.4g}, {n.high:.4g}] -> [0, 1]")
+        print(f"{side} intensities: none, as stored" if n.modality == "none" else
+              f"{side} intensities: {n.modality}, [{n.low:.4g}, {n.high:.4g}] -> [0, 1]")
     print(f"model grid: {grid.shape} at {grid.spacing[0]:.3f} mm, orientation {args.orientation.upper()}, "
           f"initial translation {np.round(prep['translation'], 2).tolist()} mm")
     lap("preprocess")
 
     flow, warped_model = run_network(model, prep, device, args.rep)
+    try:
+        check_finite("network's flow", flow, state["path"])
+    except ImageError as e:
+        fail(str(e))
     lap("network")
 
     disp = WorldDisplacement(flow, grid, prep["translation"])
@@ -314,6 +460,11 @@ def main(argv=None):
     displacement = disp.on_grid(fixed_grid)
     warped = resample(moving, fixed_grid, displacement=displacement)
     jacobian = resample(Volume(jac_model, grid.affine, "jacobian"), fixed_grid, order=1, cval=1.0)
+    try:
+        for name, array in (("displacement", displacement), ("warped image", warped), ("Jacobian", jacobian)):
+            check_finite(name, array, state["path"])
+    except ImageError as e:
+        fail(str(e))
     report = {"fixed": fixed.path, "moving": moving.path, "checkpoint": state["path"],
               "model_grid": grid.to_dict(), "orientation": args.orientation.upper(),
               "normalisation": {k: v.to_dict() for k, v in prep["norms"].items()},
@@ -356,15 +507,14 @@ def main(argv=None):
         files["figure.png"] = lambda p: save_figure(fig, p)
         lap("figure")
 
-    try:
-        write_outputs(args.output, files)
-    except OSError as e:
-        fail(f"{args.output}: cannot write the outputs ({e.strerror or e})")
-    lap("write")
-    report["seconds"] = {k: round(v, 4) for k, v in times.items()}
-    report["seconds"]["total"] = round(sum(times.values()), 4)
-    report["files"] = sorted(files) + ["report.json"]
-    atomic_write_text(os.path.join(args.output, "report.json"), json.dumps(report, indent=2) + "\n")
+    def final_report():
+        lap("write")
+        report["seconds"] = {k: round(v, 4) for k, v in times.items()}
+        report["seconds"]["total"] = round(sum(times.values()), 4)
+        report["files"] = sorted(files) + ["report.json"]
+        return report
+
+    write_outputs(args.output, files, final_report)
 
     if "dice_after" in report:
         per_label = ", ".join(f"{k}: {v['before']:.3f}->{v['after']:.3f}" for k, v in report["dice_per_label"].items())
@@ -380,4 +530,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from network.cli import run
+    sys.exit(run(main))

@@ -9,7 +9,10 @@ JSON config (``datasets/liver.json``, ``datasets/brain.json``)::
 
 Each HDF5 group holds ``volume`` (uint8 ``(X, Y, Z)``, 0..255), optional ``segmentation``
 (``(X, Y, Z)``, 0/255 or label values) and optional ``point`` (``(N, 3)`` voxel coordinates,
-rows of -1 mark missing landmarks).
+rows of -1 mark missing landmarks). Values are checked (:meth:`RCNDataset.validate` samples a
+few entries per file, every load checks its entry): a volume must be 0..255 (not normalised to 0..1,
+not Hounsfield units) and not constant, segmentation values integers >= 0, landmarks inside the
+volume; a violation is a one-line :class:`DatasetError` naming the file, the entry and the problem.
 
 Entry lookup follows RCN's FileManager: for entry ``"a/b/c"``, if ``"a"`` is a prefix in ``files``
 the key ``"b/c"`` is read from that file; otherwise, if ``"/"`` is a prefix, the full key
@@ -29,10 +32,32 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 DEFAULT_POINTS = 6
+VALUE_SAMPLE = 3  # entries per file whose values validate() reads
 
 
 class DatasetError(Exception):
     """A dataset config or HDF5 file is missing, unreadable or inconsistent (one-line message)."""
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A JSON value for an error message: its JSON text (shortened) and its JSON type."""
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number",
+             type(None): "null"}
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{text} ({kinds.get(type(value), type(value).__name__)})"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def scan_id(entry: str) -> str:
@@ -98,8 +123,9 @@ class RCNDataset:
         json_path: the JSON config.
         paired: pair adjacent entries in both directions (RCN ``--paired``, LSPIG).
         check_files: validate at construction that every HDF5 file opens and every entry exists
-            with a 3-D ``volume`` of the common shape and an ``(N, 3)`` ``point`` (metadata only,
-            no volume is read). ``False`` only parses the JSON.
+            with a 3-D ``volume`` of the common shape, numeric dtypes and an ``(N, 3)`` ``point``
+            (metadata), and that the values of a few entries per file fit the layout (see
+            :meth:`validate`). ``False`` only parses the JSON.
         splits: restrict that validation to the subsets used by these schemes (e.g. ``["sliver"]``
             when only the SLIVER file is present); ``None`` validates every subset and the atlas.
         cache_size: raw scans kept per process (useful because all-pairs order reuses the fixed scan).
@@ -151,24 +177,46 @@ class RCNDataset:
             raise self._error("'files' must be a non-empty object prefix -> {type, path}")
         self._unresolved = {}
         self.files = {prefix: self._resolve(prefix, spec) for prefix, spec in config["files"].items()}
+        if not isinstance(config["subsets"], dict):
+            raise self._error(f"'subsets' must be an object subset name -> list of entries, "
+                              f"got {_shown(config['subsets'])}")
         self.subsets = {}
         for name, entries in config["subsets"].items():
             if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-                raise self._error(f"subset '{name}' must be a list of entry strings")
+                raise self._error(f"subset '{name}' must be a list of entry strings, got {_shown(entries)}")
             self.subsets[name] = list(entries)
+        if not isinstance(config["schemes"], dict):
+            raise self._error(f"'schemes' must be an object split name -> {{subset: fraction}}, "
+                              f"got {_shown(config['schemes'])}")
         self.schemes = {}
         for split, scheme in config["schemes"].items():
             if not isinstance(scheme, dict) or not scheme:
-                raise self._error(f"scheme '{split}' must be a non-empty object subset -> fraction")
+                raise self._error(f"scheme '{split}' must be a non-empty object subset -> fraction, "
+                                  f"got {_shown(scheme)}")
             unknown = [s for s in scheme if s not in self.subsets]
             if unknown:
                 raise self._error(f"scheme '{split}' uses unknown subset(s) {unknown}; "
                                   f"available: {sorted(self.subsets)}")
+            for subset, fraction in scheme.items():
+                if not _is_number(fraction) or fraction < 0:
+                    raise self._error(f"scheme '{split}': fraction of subset '{subset}' must be a number "
+                                      f">= 0, got {_shown(fraction)}")
             self.schemes[str(split)] = {s: float(f) for s, f in scheme.items()}
         size = config.get("image_size")
+        if size is not None and (not isinstance(size, list) or len(size) != 3
+                                 or not all(_is_int(v) and v > 0 for v in size)):
+            raise self._error(f"'image_size' must be a list of 3 positive integers, got {_shown(size)}")
         self.image_size = tuple(int(s) for s in size) if size is not None else None
+        for key in ("image_type", "atlas", "task"):
+            if config.get(key) is not None and not isinstance(config[key], str):
+                raise self._error(f"'{key}' must be a string, got {_shown(config[key])}")
         self.image_type = config.get("image_type")
-        self.segmentation_class_value = config.get("segmentation_class_value")
+        classes = config.get("segmentation_class_value")
+        if classes is not None and (not isinstance(classes, dict) or not all(
+                _is_int(v) and v >= 0 for v in classes.values())):
+            raise self._error(f"'segmentation_class_value' must be an object class name -> integer label "
+                              f"value >= 0, got {_shown(classes)}")
+        self.segmentation_class_value = classes
         self.atlas = config.get("atlas")
         self.task = config.get("task", "registration")
 
@@ -178,6 +226,8 @@ class RCNDataset:
         kind = spec.get("type", "HDF5")
         if str(kind).upper() != "HDF5":
             raise self._error(f"files['{prefix}'] has unsupported type '{kind}' (only HDF5)")
+        if not isinstance(spec["path"], str) or not spec["path"]:
+            raise self._error(f"files['{prefix}'].path must be a file path string, got {_shown(spec['path'])}")
         path = os.path.expanduser(spec["path"])
         if os.path.isabs(path):
             return path
@@ -245,13 +295,15 @@ class RCNDataset:
         state.update(_pid=None, _handles={}, _cache=OrderedDict())
         return state
 
-    # ---- validation (metadata only) ------------------------------------------------------------
+    # ---- validation (metadata and a sample of the values) ----------------------------------------
 
     def validate(self, splits=None) -> None:
-        """Check files, keys, shapes and landmark layouts of the entries used by ``splits``.
+        """Check files, keys, shapes, dtypes and landmark layouts of the entries used by ``splits``.
 
-        Reads HDF5 metadata only. Sets ``image_size`` (from the first volume if the JSON has none)
-        and ``n_points`` (the largest landmark count found, 6 if none).
+        Reads HDF5 metadata of every entry, plus, as a cheap sample, the full values (see
+        :meth:`_check_values`) of up to :data:`VALUE_SAMPLE` entries per file (first, middle, last);
+        every entry's values are checked again when it is loaded. Sets ``image_size`` (from the
+        first volume if the JSON has none) and ``n_points`` (the largest landmark count found, 6 if none).
         """
         if isinstance(splits, (str, int)):
             splits = [splits]
@@ -270,6 +322,10 @@ class RCNDataset:
             with self._open(path) as handle:
                 for where, entry in items:
                     counts.append(self._check_entry(handle, path, where, entry))
+                unique = list(dict.fromkeys(entry for _, entry in items))
+                picks = sorted({0, len(unique) // 2, len(unique) - 1})[:VALUE_SAMPLE]
+                for entry in [unique[i] for i in picks]:
+                    self._check_sample(handle, path, entry)
         counts = [c for c in counts if c is not None]
         self.n_points = max(counts) if counts else DEFAULT_POINTS
 
@@ -284,6 +340,11 @@ class RCNDataset:
             raise self._error(f"{context}: key '{key}' not found in HDF5 file {path}")
         if not isinstance(group, h5py.Group) or "volume" not in group:
             raise self._error(f"{context}: HDF5 group '{key}' in {path} has no 'volume' dataset")
+        for name in ("volume", "segmentation", "point"):
+            if name in group:
+                if not isinstance(group[name], h5py.Dataset):
+                    raise self._error(f"{context}: '{name}' in {path} is not an HDF5 dataset")
+                self._check_dtype(group[name].dtype, name, f"{context}: '{name}' in {path}")
         shape = tuple(group["volume"].shape)
         self._check_shape(shape, f"{context}: 'volume' in {path}")
         if "segmentation" in group and tuple(group["segmentation"].shape) != shape:
@@ -292,6 +353,21 @@ class RCNDataset:
         if "point" in group:
             return self._check_points(tuple(group["point"].shape), f"{context}: 'point' in {path}")
         return None
+
+    def _check_sample(self, handle, path, entry):
+        group = handle[self.locate(entry)[1]]
+        try:
+            raw = {name: group[name][()] for name in ("volume", "segmentation", "point") if name in group}
+        except (OSError, ValueError, KeyError) as exc:
+            raise self._error(f"entry '{entry}': cannot read group '{self.locate(entry)[1]}' in {path} "
+                              f"({exc})") from None
+        self._check_values(raw, f"entry '{entry}' in {path}")
+
+    def _check_dtype(self, dtype, name, context):
+        if dtype.kind not in ("fiub" if name == "segmentation" else "fiu"):
+            layout = {"volume": "uint8 0..255", "segmentation": "0/255 or integer label values",
+                      "point": "float voxel coordinates"}[name]
+            raise self._error(f"{context} has dtype {dtype}; the RCN layout stores {layout}")
 
     def _check_shape(self, shape, context):
         if len(shape) != 3:
@@ -305,6 +381,54 @@ class RCNDataset:
         if len(shape) != 2 or shape[1] != 3:
             raise self._error(f"{context} must have shape (N, 3), got {shape}")
         return shape[0]
+
+    def _check_values(self, raw, context) -> None:
+        """Refuse values the RCN layout cannot hold (one line naming ``context`` and the problem):
+        NaN/inf anywhere; a volume outside 0..255 (e.g. CT in Hounsfield units), a float volume in
+        0..1 (already normalised), an all-zero or constant volume; non-integer or negative
+        segmentation values; landmarks outside the volume (rows of -1 mark missing ones)."""
+        for name in ("volume", "segmentation", "point"):
+            value = raw.get(name)
+            if value is not None:
+                self._check_dtype(value.dtype, name, f"{context}: '{name}'")
+                if value.dtype.kind == "f" and not np.isfinite(value).all():
+                    raise self._error(f"{context}: '{name}' contains NaN or inf")
+        volume = raw["volume"]
+        if volume.size:
+            lo, hi = volume.min(), volume.max()
+            if lo < 0 or hi > 255:
+                raise self._error(f"{context}: 'volume' has values {lo:g}..{hi:g} ({volume.dtype}), outside the "
+                                  f"0..255 the RCN layout stores (e.g. CT in Hounsfield units); convert the scans "
+                                  f"with convert_dataset.py")
+            if lo == hi:
+                what = "all zero" if hi == 0 else f"constant ({hi:g} everywhere)"
+                raise self._error(f"{context}: 'volume' is {what}; an empty or blank scan cannot be registered")
+            if volume.dtype.kind == "f" and hi <= 1:
+                raise self._error(f"{context}: 'volume' is float with values {lo:g}..{hi:g}: it looks normalised, "
+                                  f"but the RCN layout stores 0..255 (networks see volume/255); store "
+                                  f"rint(255 * volume) as uint8 or convert the scans with convert_dataset.py")
+        seg = raw.get("segmentation")
+        if seg is not None and seg.size and seg.dtype.kind == "f":
+            off = np.abs(seg - np.rint(seg)) > 1e-3
+            if off.any():
+                raise self._error(f"{context}: 'segmentation' has non-integer values (e.g. {seg[off][0]:g}); "
+                                  f"segmentations must be 0/255 masks or integer label values (resample them "
+                                  f"with nearest-neighbour interpolation)")
+        if seg is not None and seg.size and seg.dtype.kind in "fi" and seg.min() < 0:
+            raise self._error(f"{context}: 'segmentation' has negative values (e.g. {seg.min():g}); segmentations "
+                              f"must be 0/255 masks or integer label values >= 0")
+        points = raw.get("point")
+        if points is not None and points.ndim == 2 and points.shape[1] == 3 and points.size:
+            size = np.asarray(volume.shape[:3], dtype=np.float64)
+            present = ~(points == -1).all(1)
+            outside = present & ((points < -0.5) | (points > size - 0.5)).any(1)
+            if outside.any():
+                i = int(np.flatnonzero(outside)[0])
+                where = ", ".join(f"{v:g}" for v in points[i])
+                more = f" (and {int(outside.sum()) - 1} more)" if outside.sum() > 1 else ""
+                raise self._error(f"{context}: landmark point {i} ({where}) lies outside the volume of shape "
+                                  f"{tuple(volume.shape)}{more}; points are voxel coordinates within "
+                                  f"[-0.5, size-0.5] per axis, rows of -1 mark missing landmarks")
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -327,15 +451,12 @@ class RCNDataset:
         context = f"entry '{entry}' in {path}"
         volume = raw["volume"]
         self._check_shape(tuple(volume.shape), f"{context}: 'volume'")
-        for name in ("volume", "segmentation", "point"):
-            value = raw.get(name)
-            if value is not None and value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise self._error(f"{context}: '{name}' contains NaN or inf")
         if "segmentation" in raw and raw["segmentation"].shape != volume.shape:
             raise self._error(f"{context}: 'segmentation' shape {raw['segmentation'].shape} "
                               f"differs from volume shape {volume.shape}")
         if "point" in raw:
             self._check_points(tuple(raw["point"].shape), f"{context}: 'point'")
+        self._check_values(raw, context)
 
     def load(self, entry: str) -> dict:
         """Read one scan.

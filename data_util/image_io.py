@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from struct import error as struct_error
 
 import numpy as np
 
@@ -118,18 +119,53 @@ def read_geometry(path: str) -> Volume:
 
 # ---- DICOM ------------------------------------------------------------------------------------------
 
+def _looks_like_dicom(path: str) -> bool:
+    """A DICOM preamble (``DICM`` at byte 128) or a DICOM file name: a file meant to be a slice."""
+    if path.lower().endswith((".dcm", ".dicom", ".ima")):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_image_slice(ds) -> bool:
+    """True for a dataset that should carry pixel data: an image storage SOP class or slice geometry."""
+    meta = getattr(ds, "file_meta", None)
+    for uid in (meta.get("MediaStorageSOPClassUID") if meta is not None else None, ds.get("SOPClassUID")):
+        if uid is not None and "Image Storage" in str(getattr(uid, "name", "")):
+            return True
+    return any(tag in ds for tag in ("ImagePositionPatient", "Rows", "Columns"))
+
+
 def _dicom_files(folder: str):
-    """Yield ``(path, dataset)`` for every readable DICOM file directly in ``folder``."""
+    """Yield ``(path, dataset)`` for every DICOM image file directly in ``folder``. Files that are
+    not DICOM at all (notes, ``.DS_Store``) are skipped; a file that looks like a DICOM slice but
+    cannot be read, or a slice without pixel data (truncated), is refused: a silently dropped slice
+    would shorten or distort the volume."""
     import pydicom
     from pydicom.errors import InvalidDicomError
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) or name.startswith("."):
             continue
         try:
-            yield path, pydicom.dcmread(path)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            ds = pydicom.dcmread(path)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError,
+                IndexError, struct_error) as e:
+            if _looks_like_dicom(path):
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ImageError(f"{path}: corrupt DICOM file in the series ({reason[:120]}); "
+                                 "replace or remove it") from None
             continue
+        if "PixelData" not in ds:
+            if _is_image_slice(ds):
+                raise ImageError(f"{path}: DICOM slice without pixel data (truncated or corrupt file); "
+                                 "replace or remove it")
+            continue
+        yield path, ds
 
 
 def load_dicom_series(folder: str, label: bool = False, series_uid: str | None = None) -> Volume:
@@ -142,8 +178,6 @@ def load_dicom_series(folder: str, label: bool = False, series_uid: str | None =
         raise ImageError(f"{folder}: not found")
     series = {}
     for path, ds in _dicom_files(folder):
-        if "PixelData" not in ds:
-            continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
     if not series:
         raise ImageError(f"{folder}: no readable DICOM image files in this folder")
@@ -154,17 +188,31 @@ def load_dicom_series(folder: str, label: bool = False, series_uid: str | None =
     if len(slices) < 2:
         raise ImageError(f"{folder}: a 2-D image (one DICOM slice); a 3-D series is needed")
     first_path, first = slices[0]
-    for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
-        if tag not in first:
-            raise ImageError(f"{first_path}: DICOM slice lacks {tag}; cannot place it in the world")
+    for path, ds in slices:
+        for tag in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"):
+            if tag not in ds:
+                raise ImageError(f"{path}: DICOM slice lacks {tag}; cannot place it in the world")
     iop = np.array(first.ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     positions = []
+    shape = None
     for path, ds in slices:
-        if not np.allclose(np.array(ds.ImageOrientationPatient, dtype=np.float64), iop, atol=1e-4):
+        try:
+            orientation = np.array(ds.ImageOrientationPatient, dtype=np.float64)
+            position = np.array(ds.ImagePositionPatient, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ImageError(f"{path}: unreadable ImageOrientationPatient / ImagePositionPatient") from None
+        if orientation.shape != (6,) or position.shape != (3,) or not (np.isfinite(orientation).all()
+                                                                     and np.isfinite(position).all()):
+            raise ImageError(f"{path}: invalid ImageOrientationPatient / ImagePositionPatient")
+        if not np.allclose(orientation, iop, atol=1e-4):
             raise ImageError(f"{path}: slice orientation differs from the rest of the series")
-        positions.append(np.array(ds.ImagePositionPatient, dtype=np.float64))
+        size = (ds.get("Rows"), ds.get("Columns"))
+        if shape is not None and size != shape:
+            raise ImageError(f"{path}: slice size {size} differs from the rest of the series {shape}")
+        shape = size
+        positions.append(position)
     order = np.argsort([p @ normal for p in positions])
     positions = np.array(positions)[order]
     slices = [slices[k] for k in order]
@@ -258,16 +306,18 @@ def save_nifti(path: str, data: np.ndarray, reference: Volume, intent: str | Non
     _atomic_nibabel_save(img, path)
 
 
-def read_landmarks(path: str, volume: Volume | None = None, units: str = "mm") -> np.ndarray:
+def read_landmarks(path: str, volume: Volume | None = None, units: str = "mm", far=(1.0, 100.0)) -> np.ndarray:
     """Landmarks ``(N, 3)`` in world RAS+ mm from a text/CSV file of three numbers per row.
 
     A first line that is not numeric is taken as a header; a row ``nan,nan,nan`` marks a missing
     landmark (kept, so rows of two files still correspond). ``units="voxel"`` reads voxel indices
-    of ``volume`` and maps them through its affine.
+    of ``volume`` and maps them through its affine. With ``volume``, present landmarks must be
+    finite and within ``max(far[0] * extent, far[1])`` mm of its field of view
+    (:func:`check_landmarks_in_view`).
     """
     if not os.path.isfile(path):
         raise ImageError(f"{path}: landmark file not found")
-    rows = []
+    rows, line_numbers = [], []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f):
             line = line.strip()
@@ -284,16 +334,45 @@ def read_landmarks(path: str, volume: Volume | None = None, units: str = "mm") -
                 raise ImageError(f"{path}: line {n + 1}: three finite numbers (or nan,nan,nan for a "
                                  f"missing landmark) expected, got {line[:60]!r}")
             rows.append(values)
+            line_numbers.append(n + 1)
     if not rows:
         raise ImageError(f"{path}: no landmarks in the file")
     points = np.array(rows, dtype=np.float64)
     if units == "voxel":
         if volume is None:
             raise ValueError("voxel landmarks need their volume")
-        points = apply_affine(volume.affine, points)
+        with np.errstate(all="ignore"):
+            points = apply_affine(volume.affine, points)
     elif units != "mm":
         raise ValueError(f"units must be 'mm' or 'voxel', got {units!r}")
+    if volume is not None:
+        check_landmarks_in_view(points, volume, path, line_numbers, units, far)
     return points
+
+
+def check_landmarks_in_view(points: np.ndarray, volume: Volume, path: str, line_numbers=None,
+                            units: str = "mm", far=(1.0, 100.0)) -> None:
+    """Refuse present landmarks (rows not all NaN) that are not finite or lie far outside
+    ``volume``'s field of view: further from its box than ``max(far[0] * its largest extent,
+    far[1])`` mm (a typo, wrong units or a file of another scan). Rows all NaN mark missing
+    landmarks and pass."""
+    line_numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(points) + 1))
+    from_corners = np.asarray(volume.shape, dtype=np.float64) - 1
+    ijk = np.array([[a, b, c] for a in (0, from_corners[0]) for b in (0, from_corners[1])
+                    for c in (0, from_corners[2])])
+    box = apply_affine(volume.affine, ijk)
+    low, high = box.min(0), box.max(0)
+    allowed = float(max(far[0] * (high - low).max(), far[1]))   # mm beyond the field of view still accepted
+    for row, point in enumerate(points):
+        if np.isnan(point).all():
+            continue
+        where = f"{path}: line {line_numbers[row]} (landmark {row + 1})"
+        if not np.isfinite(point).all():
+            raise ImageError(f"{where}: not a finite position ({units} -> {point.tolist()})")
+        outside = float(np.max(np.maximum(low - point, point - high)))
+        if outside > allowed:
+            raise ImageError(f"{where}: at {np.round(point, 2).tolist()} mm, {outside:.4g} mm outside the "
+                             f"field of view of {volume.path} (wrong units or another scan's file?)")
 
 
 def apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -454,6 +454,8 @@ class Learn2RegDataset:
 
     def _parse_ours(self, config: dict) -> None:
         self._mode = "template"
+        if not isinstance(config.get("description", ""), str):
+            raise self._error(f"'description' must be a string, got {config['description']!r}")
         self.description = str(config.get("description", ""))
         for key in ("root", "image", "splits"):
             if key not in config:
@@ -532,6 +534,9 @@ class Learn2RegDataset:
 
     def _parse_l2r2021(self, config: dict) -> None:
         self._mode = "list"
+        for key in ("description", "name"):
+            if not isinstance(config.get(key, ""), str):
+                raise self._error(f"'{key}' must be a string, got {config[key]!r}")
         self.description = str(config.get("description", config.get("name", "")))
         self.root = self._folder
         self.crop = None
@@ -546,6 +551,8 @@ class Learn2RegDataset:
                 raise self._error(f"training[{n}] is not an object with an 'image' path")
             id_ = _strip_nifti(os.path.basename(record["image"]))
             label = record.get("label")
+            if label is not None and not isinstance(label, str):
+                raise self._error(f"training[{n}]: 'label' must be a path string, got {label!r}")
             self._paths[id_] = (os.path.normpath(os.path.join(self._folder, record["image"])),
                                 os.path.normpath(os.path.join(self._folder, label)) if isinstance(label, str) else None)
             train_ids.append(id_)
@@ -574,11 +581,14 @@ class Learn2RegDataset:
         labels = config.get("labels", {})
         if isinstance(labels, dict) and labels and all(isinstance(v, dict) for v in labels.values()):
             labels = next(iter(labels.values()))           # {"0": {"0": "background", ...}} variant
+        if not isinstance(labels, dict) or not all(str(v).strip().isdigit() and isinstance(name, str)
+                                                   for v, name in labels.items()):
+            raise self._error(f"'labels' must be an object label value -> name (e.g. {{\"1\": \"liver\"}}), "
+                              f"got {str(labels)[:60]}")
         self.segmentation_class_value = {}
-        if isinstance(labels, dict):
-            for value, name in labels.items():
-                if str(value).strip().isdigit() and int(value) != 0:
-                    self.segmentation_class_value[str(name)] = int(value)
+        for value, name in labels.items():
+            if int(value) != 0:
+                self.segmentation_class_value[str(name)] = int(value)
 
     # ---- ids -> files -------------------------------------------------------------------------
 
@@ -649,7 +659,8 @@ class Learn2RegDataset:
     def validate(self, splits=None) -> None:
         """Check, from NIfTI headers, that every image (and label map) of ``splits`` (all if ``None``)
         exists and is readable, label shape = image shape, and without crop that all shapes agree
-        (then ``image_size`` is set to that shape). NaN values are found by :meth:`load`."""
+        (then ``image_size`` is set to that shape). NaN values, blank (constant) images and
+        non-integer label values are found by :meth:`load`."""
         if isinstance(splits, (str, int)):
             splits = [splits]
         names = self.scheme_names if splits is None else [str(s) for s in splits]
@@ -692,6 +703,11 @@ class Learn2RegDataset:
             image = load_nifti(image_path)
         except ImageError as exc:
             raise DatasetError(f"{exc} (id '{id_}')") from None
+        lo, hi = (float(image.data.min()), float(image.data.max())) if image.data.size else (0.0, 1.0)
+        if lo == hi:
+            what = "all zero" if hi == 0 else f"constant ({hi:g} everywhere)"
+            raise DatasetError(f"{image_path}: image is {what} (id '{id_}'); an empty or blank scan cannot be "
+                               f"registered")
         seg = None
         label_path = self._label_path(id_)
         if label_path is not None:

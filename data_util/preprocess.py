@@ -176,6 +176,8 @@ class Normalisation:
     high: float
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        if self.modality == "none":                       # as stored (Learn2Reg "none")
+            return np.asarray(x, dtype=np.float32)
         return np.clip((x - self.low) / (self.high - self.low), 0.0, 1.0).astype(np.float32)
 
     def undo(self, y: np.ndarray) -> np.ndarray:
@@ -216,20 +218,54 @@ def normalisation_for(volume: Volume, modality: str = "auto", window=CT_WINDOW,
         return Normalisation("mri", low, high)
     if modality == "uint8":
         return Normalisation("uint8", 0.0, 255.0)
-    raise ValueError(f"modality must be auto, ct, mri or uint8, got {modality!r}")
+    if modality == "l2r":
+        # Learn2Reg's recipe (data_util.learn2reg.normalise_l2r): z-score with the statistics of the
+        # voxels > 0, clip to +-5 std, min-max to [0, 1]: a linear map of [low, high] onto [0, 1]
+        data = np.asarray(volume.data, dtype=np.float64)
+        foreground = data[data > 0]
+        if foreground.size == 0 or float(data.max()) <= float(data.min()):
+            raise ImageError(f"{volume.path}: no voxels > 0 or a constant image; the model's l2r "
+                             f"normalisation cannot be applied")
+        mean, std = float(foreground.mean()), float(foreground.std()) or 1.0
+        low, high = max(float(data.min()), mean - 5 * std), min(float(data.max()), mean + 5 * std)
+        if high <= low:
+            raise ImageError(f"{volume.path}: intensities span no range; nothing to register")
+        return Normalisation("l2r", low, high)
+    if modality == "none":
+        return Normalisation("none", 0.0, 1.0)
+    raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
 
 
-def add_preprocessing_args(parser) -> None:
-    """The intensity and model-grid options shared by ``register.py`` and ``convert_dataset.py``."""
-    parser.add_argument("--modality", choices=["auto", "ct", "mri", "uint8"], default="auto",
+MODALITIES = ("auto", "ct", "mri", "uint8")
+MODEL_MODALITIES = MODALITIES + ("l2r", "none")     # also the Learn2Reg normalisations a model may be trained on
+
+
+def preprocessing_arg_error(args) -> str | None:
+    """One error line for preprocessing option values that cannot work (None when they are fine)."""
+    try:
+        orientation_matrix(args.orientation)
+    except ValueError as e:
+        return f"--orientation: {e}"
+    if not args.window[0] > 0:
+        return f"--window: width must be positive, got {args.window[0]:g}"
+    if not 0 <= args.percentiles[0] < args.percentiles[1] <= 100:
+        return f"--percentiles: need 0 <= LOW < HIGH <= 100, got {[float(v) for v in args.percentiles]}"
+    return None
+
+
+def add_preprocessing_args(parser, modalities=MODALITIES) -> None:
+    """The intensity and model-grid options shared by ``register.py`` and ``convert_dataset.py``
+    (numbers checked at parse time: finite, margin >= 0)."""
+    from network.cli import finite_float, nonneg_float
+    parser.add_argument("--modality", choices=list(modalities), default="auto",
                         help="intensity normalisation (auto: CT for DICOM CT or values below -500)")
-    parser.add_argument("--window", type=float, nargs=2, default=CT_WINDOW, metavar=("WIDTH", "LEVEL"),
+    parser.add_argument("--window", type=finite_float, nargs=2, default=CT_WINDOW, metavar=("WIDTH", "LEVEL"),
                         help="CT window in HU (default RCN's liver window 290 120)")
-    parser.add_argument("--percentiles", type=float, nargs=2, default=MRI_PERCENTILES, metavar=("LOW", "HIGH"),
+    parser.add_argument("--percentiles", type=finite_float, nargs=2, default=MRI_PERCENTILES, metavar=("LOW", "HIGH"),
                         help="MRI intensity percentiles mapped to 0 and 1")
     parser.add_argument("--orientation", default="LPS", help="model grid axis directions (default LPS)")
     parser.add_argument("--crop", choices=["fov", "label"], default="fov",
                         help="centre the model grid on the (fixed) scan's field of view or its label box")
-    parser.add_argument("--margin", type=float, default=10.0, help="mm around the label box for --crop label")
+    parser.add_argument("--margin", type=nonneg_float, default=10.0, help="mm around the label box for --crop label")
     parser.add_argument("--label_interp", choices=["nearest", "linear"], default="nearest",
                         help="label resampling: nearest neighbour or per-label linear weights")

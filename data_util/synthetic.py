@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from data_util.augmentation import interpolate_control_grid, invert_points
+from network.outputs import atomic_output
 
 LABELS = {"liver": 1, "kidney": 2, "spine": 3, "stomach": 4}
 INTENSITY = {"body": 95.0, "liver": 150.0, "kidney": 190.0, "spine": 235.0, "stomach": 35.0}
@@ -173,11 +174,6 @@ def true_pair_flow(fixed_deformation, moving_deformation, iterations: int = 20) 
     return sources.T.reshape(3, *shape) - grid
 
 
-def _atomic_path(out_dir: str, name: str) -> str:
-    """Temporary sibling of ``<out_dir>/<name>``, renamed over it with ``os.replace`` when complete."""
-    return os.path.join(out_dir, f".{name}.{os.getpid()}.tmp")
-
-
 def generate(out_dir, size: int = 64, n_train: int = 16, n_val: int = 6, seed: int = 0,
              name: str = "synthetic", verbose: bool = False, anatomy: str = "shared",
              ffd_std: float | None = None) -> str:
@@ -199,59 +195,67 @@ def generate(out_dir, size: int = 64, n_train: int = 16, n_val: int = 6, seed: i
         ffd_std = 0.05 if anatomy == "shared" else 0.025
     shared = sample_subject(np.random.default_rng([seed, 1000]), size) if anatomy == "shared" else None
     out_dir = os.path.abspath(os.fspath(out_dir))
-    os.makedirs(out_dir, exist_ok=True)
     splits = {"train": n_train, "val": n_val}
     subsets = {f"synth-{split}": [f"synth/{split}_{k:03d}" for k in range(n)] for split, n in splits.items()}
-    h5_tmp, json_tmp = _atomic_path(out_dir, f"{name}.h5"), _atomic_path(out_dir, f"{name}.json")
-    try:
-        with h5py.File(h5_tmp, "w") as f:
-            for index, (split, n) in enumerate(splits.items()):
-                for k in range(n):
-                    rng = np.random.default_rng([seed, index, k])
-                    group = f.create_group(subsets[f"synth-{split}"][k])
-                    for key, value in make_scan(rng, size, subject=shared, ffd_std=ffd_std).items():
-                        extra = {"compression": "gzip", "compression_opts": 1} if key == "deformation" else {}
-                        group.create_dataset(key, data=value, track_times=False, **extra)
-        config = {"files": {"/": {"type": "HDF5", "path": f"{name}.h5"}},
-                  "image_size": [size] * 3, "image_type": "synthetic",
-                  "segmentation_class_value": {str(v): v for v in LABELS.values()},
-                  "subsets": subsets,
-                  "synthetic": {"anatomy": anatomy, "ffd_std": ffd_std, "seed": seed},
-                  "schemes": {"1": {"synth-train": 1.0}, "2": {"synth-val": 1.0}, "val": {"synth-val": 1.0}}}
-        with open(json_tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        json_path = os.path.join(out_dir, f"{name}.json")
-        os.replace(h5_tmp, os.path.join(out_dir, f"{name}.h5"))
-        os.replace(json_tmp, json_path)
-    finally:
-        for tmp in (h5_tmp, json_tmp):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    # The HDF5 file is built in memory and written as plain bytes: HDF5 never writes to the disk
+    # itself, so a full disk or an unwritable folder is an ordinary write error (OutputError naming
+    # the file), never a crash of the HDF5 library, and nothing is left half-written.
+    with h5py.File(f"{name}.h5", "w", driver="core", backing_store=False) as f:
+        for index, (split, n) in enumerate(splits.items()):
+            for k in range(n):
+                rng = np.random.default_rng([seed, index, k])
+                group = f.create_group(subsets[f"synth-{split}"][k])
+                for key, value in make_scan(rng, size, subject=shared, ffd_std=ffd_std).items():
+                    extra = {"compression": "gzip", "compression_opts": 1} if key == "deformation" else {}
+                    group.create_dataset(key, data=value, track_times=False, **extra)
+        f.flush()
+        image = f.id.get_file_image()
+    config = {"files": {"/": {"type": "HDF5", "path": f"{name}.h5"}},
+              "image_size": [size] * 3, "image_type": "synthetic",
+              "segmentation_class_value": {str(v): v for v in LABELS.values()},
+              "subsets": subsets,
+              "synthetic": {"anatomy": anatomy, "ffd_std": ffd_std, "seed": seed},
+              "schemes": {"1": {"synth-train": 1.0}, "2": {"synth-val": 1.0}, "val": {"synth-val": 1.0}}}
+    h5_path, json_path = os.path.join(out_dir, f"{name}.h5"), os.path.join(out_dir, f"{name}.json")
+    # both files are complete temporaries before either is renamed into place (the .h5 first)
+    with atomic_output(json_path) as json_tmp, atomic_output(h5_path) as h5_tmp:
+        with open(h5_tmp, "wb") as out:
+            out.write(image)
+            out.flush()
+            os.fsync(out.fileno())
+        with open(json_tmp, "w", encoding="utf-8") as out:
+            json.dump(config, out, indent=2)
     if verbose:
         print(f"wrote {os.path.join(out_dir, name + '.h5')} ({n_train} train + {n_val} val scans, {size}^3)")
         print(f"wrote {json_path}")
     return json_path
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    from network.cli import nonneg_float, nonneg_int, positive_int, run_name
+
     parser = argparse.ArgumentParser(description="Generate a synthetic RCN-layout registration dataset.")
     parser.add_argument("--out", default="data/synthetic", help="output directory")
-    parser.add_argument("--size", type=int, default=64, help="volume size (cube)")
-    parser.add_argument("--train", type=int, default=16, help="number of training scans")
-    parser.add_argument("--val", type=int, default=6, help="number of validation scans")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="synthetic", help="base name of the .h5/.json files")
+    parser.add_argument("--size", type=positive_int, default=64, help="volume size (cube, >= 8)")
+    parser.add_argument("--train", type=nonneg_int, default=16, help="number of training scans")
+    parser.add_argument("--val", type=nonneg_int, default=6, help="number of validation scans")
+    parser.add_argument("--seed", type=nonneg_int, default=0)
+    parser.add_argument("--name", type=run_name, default="synthetic", help="base name of the .h5/.json files")
     parser.add_argument("--anatomy", choices=["shared", "per-scan"], default="shared",
                         help="shared: one template anatomy, known pairwise flows; per-scan: random anatomy per scan")
-    parser.add_argument("--ffd_std", type=float, default=None, help="FFD control-point std (fraction of size)")
+    parser.add_argument("--ffd_std", type=nonneg_float, default=None, help="FFD control-point std (fraction of size)")
     args = parser.parse_args(argv)
-    if args.size < 8 or args.train < 0 or args.val < 0:
-        parser.error("--size must be >= 8 and --train/--val >= 0")
+    if args.size < 8:
+        parser.error(f"argument --size: {args.size} must be >= 8")
     start = time.perf_counter()
     generate(args.out, args.size, args.train, args.val, args.seed, args.name, verbose=True,
              anatomy=args.anatomy, ffd_std=args.ffd_std)
     print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from network.cli import run
+    sys.exit(run(main))

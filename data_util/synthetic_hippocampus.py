@@ -34,15 +34,12 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import time
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
-
-from data_util.dataset import DatasetError
 
 DEFAULT_SHAPE = (40, 48, 40)
 DEFAULT_CROP = (32, 32, 32)
@@ -249,32 +246,19 @@ def _check_out_dir(out_dir: str) -> None:
                          f"(unexpected '{name}'); choose another --out or empty it")
 
 
-def _clear_previous(out_dir: str) -> None:
-    for name in (JSON_NAME, PAIRS_NAME):
-        if os.path.isfile(os.path.join(out_dir, name)):
-            os.remove(os.path.join(out_dir, name))
-    for sub in ("img", "label"):
-        folder = os.path.join(out_dir, sub)
-        if os.path.isdir(folder):
-            for f in os.listdir(folder):
-                if _OUR_FILE.match(f):
-                    os.remove(os.path.join(folder, f))
-    for name in os.listdir(out_dir):
-        if name.startswith(".tmp_"):
-            path = os.path.join(out_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def _save(path: str, data: np.ndarray, affine: np.ndarray) -> None:
+def _save(path: str, data: np.ndarray, affine: np.ndarray, shown: str) -> None:
     import nibabel as nib
-    from network.checkpoint import atomic_output
+
+    from network.outputs import OutputError, os_error_reason
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm")
-    with atomic_output(path) as tmp:
-        nib.save(img, tmp)
+    try:
+        nib.save(img, path)
+    except OSError as exc:
+        raise OutputError(f"{shown}: cannot write ({os_error_reason(exc, path)})") from None
 
 
 def generate(out_dir, n_train: int = 20, n_val: int = 6, shape=DEFAULT_SHAPE, crop=DEFAULT_CROP,
@@ -296,44 +280,55 @@ def generate(out_dir, n_train: int = 20, n_val: int = 6, shape=DEFAULT_SHAPE, cr
     if n_train < 2 or n_val < 2:
         raise ValueError(f"need n_train >= 2 and n_val >= 2, got {n_train} and {n_val}")
     _check_out_dir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    _clear_previous(out_dir)
+    from network.outputs import OutputError, OutputSet, os_error_reason
 
-    ids = make_ids(np.random.default_rng([seed, 1]), n_train + n_val)
-    train_ids, val_ids = ids[:n_train], ids[n_train:]
-    template = sample_template(np.random.default_rng([seed, 2]), shape)
-    affine = np.eye(4)
-    affine[:3, 3] = -(np.asarray(shape) - 1) / 2.0
-    for id_ in ids:
-        rng = np.random.default_rng([seed, 1000 + id_])
-        image, label = render(template, sample_subject(rng, template), rng)
-        _save(os.path.join(out_dir, IMAGE_TEMPLATE.format(id=id_)), image, affine)
-        _save(os.path.join(out_dir, LABEL_TEMPLATE.format(id=id_)), label, affine)
-        if verbose:
-            print(f"  hippocampus_{id_:03d}: head {int((label == 1).sum())}, tail {int((label == 2).sum())} voxels")
+    # The whole folder is staged beside out_dir and swapped into place when complete: a failure
+    # (full disk, unwritable folder) leaves the previous output, or nothing, never a partial set.
+    with OutputSet(out_dir) as out:
+        stage = out.staging
 
-    from network.checkpoint import atomic_write_text
-    pairs = validation_pairs(val_ids)
-    atomic_write_text(os.path.join(out_dir, PAIRS_NAME),
-                      "fixed, moving\n" + "".join(f"{f}, {m}\n" for f, m in pairs))
-    config = {
-        "format": "learn2reg",
-        "description": (f"synthetic hippocampus-like MR patches (data_util.synthetic_hippocampus, seed {seed}): "
-                        f"{n_train} training + {n_val} validation scans of {shape}, 1 mm"),
-        "root": ".",
-        "image": IMAGE_TEMPLATE,
-        "label": LABEL_TEMPLATE,
-        "labels": dict(LABELS),
-        "normalisation": "l2r",
-        "splits": {"1": {"ids": "*", "exclude": ["2"]}, "2": {"pairs": PAIRS_NAME}},
-        "generator": {"module": "data_util.synthetic_hippocampus", "seed": seed, "n_train": n_train,
-                      "n_val": n_val, "shape": list(shape), "train_ids": train_ids, "val_ids": val_ids},
-    }
-    if crop is not None:
-        config["crop"] = list(crop)
-    json_path = os.path.join(out_dir, JSON_NAME)
-    atomic_write_text(json_path, json.dumps(config, indent=2) + "\n")
-    return json_path
+        def write_text(name: str, text: str) -> None:
+            try:
+                with open(os.path.join(stage, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+            except OSError as exc:
+                raise OutputError(f"{os.path.join(out_dir, name)}: cannot write "
+                                  f"({os_error_reason(exc, stage)})") from None
+
+        for template in (IMAGE_TEMPLATE, LABEL_TEMPLATE):
+            os.makedirs(os.path.join(stage, os.path.dirname(template)), exist_ok=True)
+        ids = make_ids(np.random.default_rng([seed, 1]), n_train + n_val)
+        train_ids, val_ids = ids[:n_train], ids[n_train:]
+        template = sample_template(np.random.default_rng([seed, 2]), shape)
+        affine = np.eye(4)
+        affine[:3, 3] = -(np.asarray(shape) - 1) / 2.0
+        for id_ in ids:
+            rng = np.random.default_rng([seed, 1000 + id_])
+            image, label = render(template, sample_subject(rng, template), rng)
+            for name, data in ((IMAGE_TEMPLATE.format(id=id_), image), (LABEL_TEMPLATE.format(id=id_), label)):
+                _save(os.path.join(stage, name), data, affine, os.path.join(out_dir, name))
+            if verbose:
+                print(f"  hippocampus_{id_:03d}: head {int((label == 1).sum())}, tail {int((label == 2).sum())} voxels")
+
+        pairs = validation_pairs(val_ids)
+        write_text(PAIRS_NAME, "fixed, moving\n" + "".join(f"{f}, {m}\n" for f, m in pairs))
+        config = {
+            "format": "learn2reg",
+            "description": (f"synthetic hippocampus-like MR patches (data_util.synthetic_hippocampus, seed {seed}): "
+                            f"{n_train} training + {n_val} validation scans of {shape}, 1 mm"),
+            "root": ".",
+            "image": IMAGE_TEMPLATE,
+            "label": LABEL_TEMPLATE,
+            "labels": dict(LABELS),
+            "normalisation": "l2r",
+            "splits": {"1": {"ids": "*", "exclude": ["2"]}, "2": {"pairs": PAIRS_NAME}},
+            "generator": {"module": "data_util.synthetic_hippocampus", "seed": seed, "n_train": n_train,
+                          "n_val": n_val, "shape": list(shape), "train_ids": train_ids, "val_ids": val_ids},
+        }
+        if crop is not None:
+            config["crop"] = list(crop)
+        write_text(JSON_NAME, json.dumps(config, indent=2) + "\n")
+    return os.path.join(out_dir, JSON_NAME)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,25 +362,26 @@ def summarise(json_path) -> dict:
 
 
 def main(argv=None) -> int:
+    from network.cli import fail, nonneg_int, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/hippocampus", help="output folder (default data/hippocampus)")
-    p.add_argument("--n_train", type=int, default=20)
-    p.add_argument("--n_val", type=int, default=6)
-    p.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"))
-    p.add_argument("--crop", type=int, nargs=3, default=list(DEFAULT_CROP), metavar=("X", "Y", "Z"),
+    p.add_argument("--n_train", type=positive_int, default=20, help="training scans (>= 2)")
+    p.add_argument("--n_val", type=positive_int, default=6, help="validation scans (>= 2)")
+    p.add_argument("--shape", type=positive_int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"))
+    p.add_argument("--crop", type=positive_int, nargs=3, default=list(DEFAULT_CROP), metavar=("X", "Y", "Z"),
                    help="crop (or pad, when larger than --shape) size written into the JSON")
     p.add_argument("--no_crop", action="store_true", help="write no crop into the JSON")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--verbose", action="store_true", help="print every scan's label volumes")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
         json_path = generate(args.out, args.n_train, args.n_val, args.shape,
                              None if args.no_crop else args.crop, args.seed, verbose=args.verbose)
-    except (ValueError, DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except ValueError as exc:       # bad sizes or an --out holding something else; write errors go to run()
+        fail(str(exc))
     seconds = time.perf_counter() - start
     with open(json_path, encoding="utf-8") as f:
         gen = json.load(f)["generator"]
@@ -408,4 +404,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from network.cli import run
+    sys.exit(run(main))

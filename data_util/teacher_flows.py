@@ -28,10 +28,14 @@ the pair key when one is involved.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import json
 import os
 import pickle
+import re
+import shutil
 import struct
+import tempfile
 
 import h5py
 import numpy as np
@@ -50,6 +54,8 @@ STORE_VERSION = 1
 LAYOUT = "(3,X,Y,Z) float16 voxel displacement, channel c moves axis c, fixed-to-moving pull-back"
 FLOAT16_MAX = 65504.0
 PARTIAL_SUFFIX = ".partial"
+SPACE_MARGIN = 256 << 10  # bytes kept free beyond what a write needs (HDF5 metadata, chunk index)
+RESUME_HINT = "the pairs stored so far are kept: free space (or fix the folder) and run the same command again to resume"
 
 # Exceptions a truncated or corrupt pickle stream can raise inside the restricted unpickler.
 _PICKLE_ERRORS = (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, KeyError,
@@ -206,6 +212,31 @@ def _json_normalised(value):
     return json.loads(json.dumps(value))
 
 
+def _write_reason(exc, path) -> str:
+    """Why a write failed: the errno of an OSError or of an HDF5 message (``errno = 28``), else
+    the outputs module's reason."""
+    from network.outputs import os_error_reason
+
+    code = getattr(exc, "errno", None)
+    found = re.search(r"errno = (\d+)", str(exc))
+    if code is None and found:
+        code = int(found.group(1))
+    if code is not None:
+        return os_error_reason(OSError(code, os.strerror(code)), path)
+    return os_error_reason(exc, path)
+
+
+def _leak(*objects) -> None:
+    """Keep HDF5 handles alive until the process ends. After a failed write (e.g. a full disk) the
+    HDF5 library can no longer close the file: closing it, or Python freeing the handles at exit,
+    crashes the process (segmentation fault). Leaked, they are never freed; the process ends
+    cleanly, and everything written before the failure (complete pairs) stays readable."""
+    for obj in objects:
+        handle = getattr(obj, "id", None)
+        if handle is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(handle))
+
+
 class TeacherFlowWriter:
     """Resumable, atomic writer of a teacher-flow HDF5 store (a context manager).
 
@@ -215,6 +246,12 @@ class TeacherFlowWriter:
     (no ``complete == 1`` attribute). An existing store must have been written for the same
     ``image_size`` and the same ``manifest["teacher"]`` fingerprint. If both ``path`` and its partial
     exist the writer refuses to guess which one to keep.
+
+    Before each pair the writer checks that its folder has room for the pair (uncompressed size
+    plus :data:`SPACE_MARGIN`), so a full disk stops the run with a :class:`TeacherFlowError` before
+    HDF5 touches the file; a write error HDF5 reports anyway becomes a :class:`TeacherFlowError`
+    too. Either way the partial store keeps the pairs written so far and a rerun resumes it.
+    An unwritable folder is refused at construction.
     """
 
     def __init__(self, path, manifest: dict, image_size):
@@ -231,6 +268,7 @@ class TeacherFlowWriter:
         self._file = None
         self._finished = False
 
+        self._check_folder()
         final_exists, partial_exists = os.path.exists(self.path), os.path.exists(self.partial)
         if final_exists and partial_exists:
             raise TeacherFlowError(f"{self.path}: both the finished store and {self.partial} exist; "
@@ -241,6 +279,7 @@ class TeacherFlowWriter:
             if stored.get("image_size") != list(self.image_size) or stored.get("teacher") != teacher:
                 raise TeacherFlowError(f"{existing}: existing store was written by a different "
                                        f"teacher/image size; choose another --out or delete it")
+            self._check_space(SPACE_MARGIN, "resuming the store")
             if final_exists:
                 os.replace(self.path, self.partial)
             self._file = _open_h5(self.partial, "a")
@@ -254,12 +293,44 @@ class TeacherFlowWriter:
                 self._file.close()
                 raise
         else:
-            os.makedirs(os.path.dirname(os.path.abspath(self.partial)), exist_ok=True)
-            self._file = _open_h5(self.partial, "w")
-            self._file.attrs["manifest"] = text
-            self._file.create_group("flows")
-            self._file.flush()
+            self._check_space(SPACE_MARGIN + len(text), "a new store")
+            try:
+                self._file = h5py.File(self.partial, "w")
+                self._file.attrs["manifest"] = text
+                self._file.create_group("flows")
+                self._file.flush()
+            except (OSError, RuntimeError, ValueError) as exc:
+                _leak(self._file)
+                self._file = None
+                raise TeacherFlowError(f"{self.partial}: cannot create the store "
+                                       f"({_write_reason(exc, self.partial)})") from None
             self.manifest = json.loads(text)
+
+    # ---- room to write -----------------------------------------------------------------------
+
+    def _check_folder(self) -> None:
+        """Refuse a folder that cannot be created or written, naming the reason."""
+        folder = os.path.dirname(os.path.abspath(self.partial))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".tmp_probe_", dir=folder)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as exc:
+            raise TeacherFlowError(f"{self.partial}: cannot write the teacher-flow store here "
+                                   f"({_write_reason(exc, folder)})") from None
+
+    def _check_space(self, need: int, what: str) -> None:
+        folder = os.path.dirname(os.path.abspath(self.partial))
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return
+        if free < need + SPACE_MARGIN:
+            mib = lambda n: f"{n / 2 ** 20:.2f} MiB"  # noqa: E731
+            hint = f"; {RESUME_HINT}" if self._file is not None or os.path.exists(self.partial) else ""
+            raise TeacherFlowError(f"{self.partial}: no space left on device for {what} (needs about "
+                                   f"{mib(need + SPACE_MARGIN)}, {mib(free)} free){hint}")
 
     # ---- index -----------------------------------------------------------------------------
 
@@ -307,28 +378,47 @@ class TeacherFlowWriter:
         if peak > FLOAT16_MAX:
             raise TeacherFlowError(f"{self.partial}: teacher flow for pair '{key}' has |value| {peak:g} "
                                    f"beyond the float16 range ({FLOAT16_MAX:g})")
-        if key in flows:
-            del flows[key]
+        data = flow.astype(np.float16)
+        self._check_space(data.nbytes + data.nbytes // 8, f"teacher flow of pair '{key}'")
         chunks = (3,) + tuple(min(s, 32) for s in self.image_size)
-        dataset = flows.create_dataset(key, data=flow.astype(np.float16), chunks=chunks,
-                                       compression="gzip", compression_opts=1, shuffle=True)
-        dataset.attrs["complete"] = 1
-        self._file.flush()
+        dataset = None
+        try:
+            if key in flows:
+                del flows[key]
+            dataset = flows.create_dataset(key, data=data, chunks=chunks,
+                                           compression="gzip", compression_opts=1, shuffle=True)
+            self._file.flush()              # the data is on disk before the pair is marked complete
+            dataset.attrs["complete"] = 1
+            self._file.flush()
+        except (OSError, RuntimeError, ValueError) as exc:
+            _leak(self._file, flows, dataset)
+            self._file = None
+            raise TeacherFlowError(f"{self.partial}: cannot write teacher flow of pair '{key}' "
+                                   f"({_write_reason(exc, self.partial)}); {RESUME_HINT}") from None
 
     # ---- closing ---------------------------------------------------------------------------
 
     def close(self) -> None:
         """Close without finishing: the partial file stays and a later writer resumes it."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            handle, self._file = self._file, None
+            try:
+                handle.close()
+            except (OSError, RuntimeError, ValueError) as exc:
+                _leak(handle)
+                raise TeacherFlowError(f"{self.partial}: cannot close the store ({_write_reason(exc, self.partial)}); "
+                                       f"{RESUME_HINT}") from None
 
     def finish(self) -> None:
         """Close and atomically move the partial file to ``path``."""
         if self._finished:
             return
         self.close()
-        os.replace(self.partial, self.path)
+        try:
+            os.replace(self.partial, self.path)
+        except OSError as exc:
+            raise TeacherFlowError(f"{self.path}: cannot move the finished store into place "
+                                   f"({_write_reason(exc, self.path)}); {RESUME_HINT}") from None
         self._finished = True
 
     def __enter__(self):
@@ -359,10 +449,14 @@ class TeacherFlows:
     """Read-only index of teacher flows from one ``.h5`` store, one ``.pkl`` file or a directory.
 
     A directory contributes every ``*.h5`` and ``*.pkl`` file directly inside it, in sorted name
-    order (``*.partial`` files are ignored); a key present in several files is read from the last
-    one. Stores are indexed at construction and opened lazily per process (picklable for
-    DataLoader workers); pickles are loaded into memory with :func:`safe_load_flow_pickle`.
-    :meth:`get` returns float32 ``(3, X, Y, Z)`` voxel displacements.
+    order (``*.partial`` files are ignored), and must hold the flows of one teacher, each pair once:
+    its stores must share one ``manifest["teacher"]`` fingerprint, stores are not mixed with
+    published pickles (whose teacher is unknown), and no pair key may appear in more than one file
+    (e.g. the published LDR_ALDK pickles, split over several files, are fine). Otherwise
+    :class:`TeacherFlowError` lists the conflicting files: pass one file with
+    ``--pretrained_flow_path FILE``. Stores are indexed at construction and opened lazily per
+    process (picklable for DataLoader workers); pickles are loaded into memory with
+    :func:`safe_load_flow_pickle`. :meth:`get` returns float32 ``(3, X, Y, Z)`` voxel displacements.
     """
 
     def __init__(self, path, image_size):
@@ -403,9 +497,36 @@ class TeacherFlows:
             self._manifests.append(manifest)
             self._counts.append(len(keys))
             for key in keys:
-                self._index[key] = i
+                self._index.setdefault(key, i)
+            self._refuse_mixing(i, keys)
         self._pid = os.getpid()
         self._handles = {}
+
+    def _teacher(self, i: int) -> str:
+        """What identifies the teacher of source ``i``: its store's fingerprint, or the published pickles."""
+        if self._manifests[i] is None:
+            return "published LDR_ALDK pickles (teacher unknown)"
+        return json.dumps(self._manifests[i].get("teacher"), sort_keys=True)
+
+    def _refuse_mixing(self, i: int, keys) -> None:
+        """Refuse a directory whose file ``i`` comes from another teacher than the files before it,
+        or repeats one of their pair keys."""
+        if i == 0:
+            return
+        names = lambda sources: ", ".join(os.path.basename(self._files[j][0]) for j in sources)  # noqa: E731
+        advice = "a folder must hold one teacher's flows, each pair once: pass one file with --pretrained_flow_path FILE"
+        others = [j for j in range(i) if self._teacher(j) != self._teacher(i)]
+        if others:
+            raise TeacherFlowError(f"{self.path}: teacher-flow files of different teachers: "
+                                   f"{os.path.basename(self._files[i][0])} vs {names(others)} (teacher fingerprints "
+                                   f"{self._teacher(i)[:80]} vs {self._teacher(others[0])[:80]}); {advice}")
+        repeated = [key for key in keys if self._index[key] != i]
+        if repeated:
+            first = sorted({self._index[key] for key in repeated})
+            raise TeacherFlowError(f"{self.path}: pair '{repeated[0]}'"
+                                   + (f" (and {len(repeated) - 1} more)" if len(repeated) > 1 else "")
+                                   + f" is in both {names(first)} and {os.path.basename(self._files[i][0])}; "
+                                   f"{advice}")
 
     # ---- index -----------------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ def train(work, name, steps, extra, args):
 def evaluate(work, name, steps, args) -> dict:
     run([os.path.join(ROOT, "eval.py"), "-g", "-1", "--batch", "1", "-c", f"weights/{name}:{steps}",
          "--workers", str(args.workers)], work)
-    with open(os.path.join(work, "evaluate", f"{name}-{steps}-2.json"), encoding="utf-8") as f:
+    with open(os.path.join(work, "evaluate", f"{name}-{steps}-2", f"{name}-{steps}-2.json"), encoding="utf-8") as f:
         return json.load(f)
 
 

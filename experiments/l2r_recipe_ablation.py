@@ -93,7 +93,7 @@ def main(argv=None):
                                 + recipe_flags(args) + RUNS[name] + threads, work)
         run([os.path.join(ROOT, "eval.py"), "-g", "-1", "-c", f"weights/{name}:{args.steps}", "--name", name,
              "--workers", "0", "--submission", os.path.join("submissions", name)] + threads, work)
-        with open(os.path.join(work, "evaluate", f"{name}.json"), encoding="utf-8") as f:
+        with open(os.path.join(work, "evaluate", name, f"{name}.json"), encoding="utf-8") as f:
             results[name] = json.load(f)
 
     def cell(report, key, stat="mean"):

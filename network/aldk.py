@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from network.checkpoint import load_checkpoint
+from network.checkpoint import load_checkpoint, load_weights
 from network.recursive_cascaded_networks import ModelConfig, build_model
 
 # --aldk_learning_scheme (LDR_ALDK train.py): the adversarial term is used on every third step during
@@ -218,8 +218,9 @@ class OnlineTeacher:
         self.train_args = dict(state.get("train_args") or {})
         self.config = ModelConfig.from_dict(state["model_config"])
         self.rep = rep if rep is not None else self.config.rep
-        self.model = build_model(self.config).to(device)
-        self.model.load_state_dict(state["model"])
+        self.model = build_model(self.config)
+        load_weights(self.model, state)
+        self.model = self.model.to(device)
         self.model.eval().requires_grad_(False)
 
     @property

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-from contextlib import contextmanager
 
 import torch
+
+from .outputs import OutputError, atomic_output, atomic_save, atomic_write_text  # noqa: F401  (re-exported)
 
 FORMAT = "ldr-rcn-checkpoint"
 VERSION = 1
@@ -24,59 +24,6 @@ _CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or not ours; the message names the file."""
-
-
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-@contextmanager
-def atomic_output(path: str):
-    """Yield a temporary file name in ``path``'s folder; rename it to ``path`` if the block succeeds,
-    remove it otherwise."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    stem, suffix = os.path.splitext(path)
-    if suffix.lower() == ".gz":                  # keep ".nii.gz": writers pick the format by suffix
-        suffix = os.path.splitext(stem)[1] + suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)           # mkstemp makes 0600; give the usual permissions
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file in ``path``'s folder, then rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_checkpoint(folder: str, model, model_config: dict, step: int, epoch: int = 0,
@@ -136,3 +83,162 @@ def load_checkpoint(spec: str, map_location="cpu") -> dict:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
     state["path"] = path
     return state
+
+
+def load_weights(model, state: dict, what: str = "model") -> None:
+    """``model.load_state_dict(state[what])`` with one clear :class:`CheckpointError` line when the
+    stored weights do not fit the model (another architecture, width or stem layout)."""
+    weights = state.get(what)
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{state.get('path', 'checkpoint')}: '{what}' holds no weights")
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} tensors of another shape (e.g. {k}: stored {tuple(weights[k].shape)}, "
+                         f"model {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unknown (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{state.get('path', 'checkpoint')}: stored {what} weights do not fit the "
+                              f"architecture it describes ({'; '.join(parts)}); the file is from another "
+                              f"model or was edited")
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError, TypeError) as e:
+        line = str(e).strip().splitlines()
+        raise CheckpointError(f"{state.get('path', 'checkpoint')}: cannot load {what} weights: "
+                              f"{line[-1] if line else type(e).__name__}") from None
+
+
+def prune_checkpoints(folder: str, keep_last: int, protect=()) -> list:
+    """Delete all but the ``keep_last`` newest checkpoints of ``folder`` (``0``: keep all), never
+    one whose step is in ``protect`` (e.g. the best validation step). Returns the removed paths."""
+    if keep_last <= 0:
+        return []
+    found = list_checkpoints(folder)
+    keep = set(sorted(found)[-keep_last:]) | {int(s) for s in protect if s is not None}
+    removed = []
+    for step, path in sorted(found.items()):
+        if step not in keep:
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+class RunLockError(Exception):
+    """Another process holds the run folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``<folder>/.lock``, ``fcntl.flock``), held while a
+    training writes there. The operating system releases it when the process ends, even on
+    ``kill -9``, so a stale lock never blocks a resume. The file records the holder's host and pid
+    for the error message."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, self.NAME)
+        self._fd = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        self._created = []
+        folder = os.path.abspath(self.folder)
+        while not os.path.exists(folder):
+            self._created.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            from .outputs import os_error_reason
+            raise OutputError(f"{self.folder}: cannot create the run folder ({os_error_reason(e, self.folder)})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockError(f"{self.folder}: in use by another training ({holder}); wait for it to finish, "
+                               f"or choose another --output") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Unlock. A run folder that received no checkpoint (a run that failed at start-up) is
+        removed again, with the parent folders this lock created, so a failed start leaves nothing."""
+        if self._fd is None:
+            return
+        empty = not list_checkpoints(self.folder) and os.listdir(self.folder) == [self.NAME]
+        if empty:
+            os.remove(self.path)
+        os.close(self._fd)
+        self._fd = None
+        if empty:
+            for folder in self._created:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def rng_state(generators: dict | None = None) -> dict:
+    """The random state a training needs to continue exactly: torch (CPU and CUDA), numpy's global
+    generator and any named ``torch.Generator`` (e.g. augmentation)."""
+    import numpy as np
+
+    out = {"torch": torch.get_rng_state(), "numpy": _numpy_state_to_plain(np.random.get_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    for name, gen in (generators or {}).items():
+        out[f"gen:{name}"] = gen.get_state()
+    return out
+
+
+def restore_rng_state(state: dict, generators: dict | None = None) -> None:
+    """Undo :func:`rng_state` (missing entries are left as they are)."""
+    import numpy as np
+
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in (generators or {}).items():
+        if f"gen:{name}" in state:
+            gen.set_state(state[f"gen:{name}"])
+
+
+def _numpy_state_to_plain(state) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from_plain(plain: dict):
+    import numpy as np
+
+    return (plain["name"], plain["keys"].numpy().astype(np.uint32), plain["pos"], plain["has_gauss"],
+            plain["cached"])

@@ -49,16 +49,16 @@ def test_eval_needs_no_extra_flags_and_writes_outputs(trained):
     r = run([os.path.join(ROOT, "eval.py"), "-g", "-1", "--batch", "1", "--checkpoint", "weights/smoke",
              "--workers", "0"], trained)
     assert r.returncode == 0, r.stderr
-    txt = (trained / "evaluate" / "smoke-3-2.txt").read_text()
+    txt = (trained / "evaluate" / "smoke-3-2" / "smoke-3-2.txt").read_text()
     lines = txt.splitlines()
     assert sum(1 for l in lines if l.startswith("synth_val_")) == 2          # 2 val scans -> 2 ordered pairs
     assert "Summary" in txt and "Dice score:" in txt
-    result = json.loads((trained / "evaluate" / "smoke-3-2.json").read_text())
+    result = json.loads((trained / "evaluate" / "smoke-3-2" / "smoke-3-2.json").read_text())
     assert result["info"]["n_pairs"] == 2
     assert result["info"]["n_params"] > 0 and result["info"]["seconds_per_pair"] > 0
     for key in ("dice", "jacc", "landmark_dist", "jac_std", "jac_nonpos_pct", "sdlogj"):
         assert key in result["pairs"][0]
-    assert (trained / "evaluate" / "smoke-3-2.csv").read_text().startswith("id1,id2,dice")
+    assert (trained / "evaluate" / "smoke-3-2" / "smoke-3-2.csv").read_text().startswith("id1,id2,dice")
 
 
 def test_resume_continues_from_step(trained):
@@ -105,7 +105,7 @@ def test_wrong_volume_shape(tmp_path):
 def test_size_not_divisible_by_stride(tmp_path):
     with h5py.File(tmp_path / "d.h5", "w") as f:
         for k in ("a", "b"):
-            f.create_dataset(f"{k}/volume", data=np.zeros((40, 40, 40), np.uint8))
+            f.create_dataset(f"{k}/volume", data=np.random.default_rng(0).integers(0, 255, (40, 40, 40), dtype=np.uint8))
     cfg = {"files": {"/": {"type": "HDF5", "path": "d.h5"}}, "image_size": [40, 40, 40],
            "subsets": {"t": ["a", "b"]}, "schemes": {"1": {"t": 1.0}}}
     (tmp_path / "d.json").write_text(json.dumps(cfg))
@@ -133,7 +133,7 @@ def test_truncated_checkpoint(trained, tmp_path):
 def test_nan_volume_in_worker_gives_one_line(tmp_path):
     with h5py.File(tmp_path / "d.h5", "w") as f:
         for k in ("a", "b"):
-            v = np.zeros((48, 48, 48), np.float32)
+            v = np.random.default_rng(0).integers(0, 255, (48, 48, 48)).astype(np.float32)
             if k == "b":
                 v[3, 4, 5] = np.nan
             f.create_dataset(f"{k}/volume", data=v)
@@ -150,4 +150,4 @@ def test_eval_from_another_folder_finds_training_dataset(trained, tmp_path):
     r = run([os.path.join(ROOT, "eval.py"), "-g", "-1", "--checkpoint", str(trained / "weights" / "smoke:3"),
              "--limit", "1", "--workers", "0", "--name", "elsewhere"], tmp_path)
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "evaluate" / "elsewhere.json").read_text())["info"]["n_pairs"] == 1
+    assert json.loads((tmp_path / "evaluate" / "elsewhere" / "elsewhere.json").read_text())["info"]["n_pairs"] == 1

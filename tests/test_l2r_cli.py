@@ -45,12 +45,12 @@ def test_eval_scores_the_challenge_way_and_writes_a_submission(l2r):
              "--name", "recipe"], l2r)
     assert r.returncode == 0, r.stderr
     assert "Dice30" in r.stdout and "HD95 (mm)" in r.stdout
-    report = json.loads((l2r / "evaluate" / "recipe.json").read_text())
+    report = json.loads((l2r / "evaluate" / "recipe" / "recipe.json").read_text())
     l2r_scores = report["learn2reg"]
     for key in ("l2r_dice", "l2r_dice_1", "l2r_dice_2", "l2r_hd95", "l2r_hd95_mm", "l2r_sdlogj_l2r", "l2r_fold_pct"):
         assert l2r_scores[key]["n"] == 2 and np.isfinite(l2r_scores[key]["mean"]), key
     assert l2r_scores["l2r_dice"]["p30"] <= l2r_scores["l2r_dice"]["mean"] + 1e-9 or l2r_scores["l2r_dice"]["n"] < 2
-    txt = (l2r / "evaluate" / "recipe.txt").read_text()
+    txt = (l2r / "evaluate" / "recipe" / "recipe.txt").read_text()
     assert "Learn2Reg scores" in txt and "Dice30" in txt
 
     # submission: one float16 file per pair on the ORIGINAL fixed grid (36, 44, 34), challenge axis order

@@ -237,13 +237,12 @@ def test_truncated_and_missing_pickle(tmp_path):
 # directories, errors, pickling
 # ------------------------------------------------------------------------------------------------
 
-def test_directory_union_and_later_file_wins(tmp_path):
-    pkl_flow, h5_flow = flow(6), flow(7)
-    dump(tmp_path / "a_published.pkl", {"x-y": pkl_flow.transpose(1, 2, 3, 0).astype(np.float16),
+def test_directory_union_of_one_teachers_files(tmp_path):
+    """Published pickles split over several files (no overlapping keys) read as one index; a
+    leftover .partial store and other files are ignored. Mixing teachers is refused (test_faults_data)."""
+    dump(tmp_path / "a_published.pkl", {"x-y": flow(6).transpose(1, 2, 3, 0).astype(np.float16),
                                         "p-q": flow(8).transpose(1, 2, 3, 0)})
-    with TeacherFlowWriter(str(tmp_path / "b_store.h5"), manifest(), SIZE) as writer:
-        writer.write("x-y", h5_flow)
-        writer.write("y-x", flow(9))
+    dump(tmp_path / "b_published.pkl", {"y-x": flow(9).transpose(1, 2, 3, 0)})
     leftover = TeacherFlowWriter(str(tmp_path / "c_store.h5"), manifest(), SIZE)
     leftover.write("z-z", flow(10))
     leftover.close()  # c_store.h5.partial is ignored
@@ -252,9 +251,16 @@ def test_directory_union_and_later_file_wins(tmp_path):
     flows = TeacherFlows(tmp_path, SIZE)
     assert flows.keys() == ["p-q", "x-y", "y-x"]
     assert [(os.path.basename(f), n) for f, n, _ in flows.sources()] == [("a_published.pkl", 2),
-                                                                       ("b_store.h5", 2)]
-    close_to_f16(flows.get("x-y"), h5_flow)  # b_store.h5 sorts after a_published.pkl
-    close_to_f16(flows.get("p-q"), flow(8))
+                                                                       ("b_published.pkl", 1)]
+    close_to_f16(flows.get("x-y"), flow(6))
+    close_to_f16(flows.get("y-x"), flow(9))
+
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    for name, key in (("run_3.h5", "x-y"), ("run_1000.h5", "y-x")):   # one teacher, disjoint pairs
+        with TeacherFlowWriter(str(stores / name), manifest(), SIZE) as writer:
+            writer.write(key, flow(len(name)))
+    assert TeacherFlows(stores, SIZE).keys() == ["x-y", "y-x"]
 
 
 def test_missing_paths_and_keys(tmp_path):

@@ -119,7 +119,8 @@ def test_save_figure_removes_temp_on_failure(tmp_path):
         raise RuntimeError("disk full")
 
     fig.savefig = boom
-    with pytest.raises(RuntimeError, match="disk full"):
+    from network.outputs import OutputError
+    with pytest.raises(OutputError, match=r"x\.png: cannot write \(disk full\)"):
         save_figure(fig, str(tmp_path / "x.png"))
     assert os.listdir(tmp_path) == []
 

@@ -1,0 +1,185 @@
+"""Shared command-line layer of the scripts: checked argument types, one-line errors, device choice,
+datasets named by checkpoints, and :func:`run` that turns every known fault into one error line.
+
+A script's entry point is ``sys.exit(run(main))``. Inside ``main``, :func:`fail` prints
+``<script>: error: <message>`` and exits with status 2; faults raised deeper in the library
+(:class:`~network.outputs.OutputError`, :class:`~network.checkpoint.CheckpointError`,
+``DatasetError``, ``TeacherFlowError``, a full disk or a missing permission) are caught by
+:func:`run` and reported the same way, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import re
+import sys
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+def fail(message: str, code: int = 2):
+    """Print one error line and exit. Errors re-raised from DataLoader workers carry the worker's
+    traceback; only their final line (the original message) is kept."""
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    line = lines[-1] if lines else "unknown error"
+    if len(lines) > 1 and "Error: " in line:
+        line = line.split("Error: ", 1)[1]
+    print(f"{os.path.basename(sys.argv[0]) or 'ldr'}: error: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _known_errors() -> tuple:
+    from data_util.dataset import DatasetError
+    from data_util.teacher_flows import TeacherFlowError
+
+    from .base_networks import SizeError
+    from .checkpoint import CheckpointError, RunLockError
+    from .outputs import OutputError
+
+    return (OutputError, CheckpointError, RunLockError, DatasetError, TeacherFlowError, SizeError)
+
+
+def run(main, argv=None) -> int:
+    """Call ``main(argv)``; report library faults and operating-system write errors as one line
+    (exit 2), an interrupt as ``interrupted`` (exit 130)."""
+    from .outputs import os_error_reason
+
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        return 130
+    except _known_errors() as e:
+        fail(str(e))
+    except OSError as e:
+        where = e.filename or "output"
+        fail(f"{where}: {os_error_reason(e, e.filename)}")
+    return 2
+
+
+# ---- checked argument types --------------------------------------------------------------------
+
+def _number(kind, text: str, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = _number(int, text, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _number(float, text, "a number")
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text, "a number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = _number(float, text, "a number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def unit_float(text: str) -> float:
+    value = _number(float, text, "a number")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
+def run_name(text: str) -> str:
+    """A run name for ``weights/<name>`` and ``logs/<name>``: one plain folder name."""
+    if not _RUN_NAME.match(text or "") or text in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be a plain folder name (letters, digits, . _ - + = @; no '/', no leading '.')")
+    return text
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv) -> set:
+    """The ``dest`` of every option actually given in ``argv`` (defaults not counted)."""
+    quiet = copy.deepcopy(parser)
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(quiet.parse_args(argv)))
+
+
+# ---- devices and datasets ----------------------------------------------------------------------
+
+def resolve_device(gpu: str):
+    import torch
+
+    ids = [g for g in str(gpu).split(",") if g.strip() != ""]
+    if not ids or ids[0].strip() == "-1":
+        return torch.device("cpu")
+    if not all(g.strip().isdigit() for g in ids):
+        fail(f"-g {gpu}: expected a GPU id such as 0, or -1 for the CPU")
+    if len(ids) > 1:
+        fail("several GPUs are not supported yet; pass one id (e.g. -g 0)")
+    if not torch.cuda.is_available():
+        fail(f"-g {gpu}: CUDA is not available on this machine; use -g -1 for the CPU")
+    if int(ids[0]) >= torch.cuda.device_count():
+        fail(f"-g {gpu}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device(f"cuda:{int(ids[0])}")
+
+
+def load_dataset(path: str, paired: bool = False, splits=None, crop=None):
+    """The dataset behind a JSON (RCN HDF5 layout or Learn2Reg NIfTI layout), or exit with one line."""
+    from data_util import DatasetError
+    from data_util.learn2reg import open_dataset
+
+    try:
+        return open_dataset(path, paired=paired, splits=splits, crop=tuple(crop) if crop else None)
+    except DatasetError as e:
+        fail(str(e))
+
+
+def stored_dataset(state: dict) -> str:
+    """The training dataset named in a checkpoint: as typed if it exists from here, else its absolute path."""
+    args = state.get("train_args") or {}
+    given, absolute = args.get("dataset"), args.get("dataset_abspath")
+    if not given or not isinstance(given, str):
+        fail(f"{state['path']}: checkpoint names no dataset; pass -d path/to/dataset.json")
+    if not os.path.exists(given) and isinstance(absolute, str) and os.path.exists(absolute):
+        return absolute
+    return given
+
+
+def to_device(batch: dict, device) -> dict:
+    import torch
+
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+__all__ = ["HelpFormatter", "fail", "run", "positive_int", "nonneg_int", "finite_float", "positive_float", "nonneg_float",
+           "unit_float", "run_name", "explicit_dests", "resolve_device", "load_dataset", "stored_dataset",
+           "to_device"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the description's line breaks and shows every option's default."""
