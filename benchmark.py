@@ -27,7 +27,6 @@ to ``--json``.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -40,7 +39,7 @@ import torch
 
 from network import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, ModelConfig, build_model, count_parameters, layers
 from network.checkpoint import atomic_write_text
-from network.cli import fail, nonneg_int, positive_float, positive_int
+from network.cli import ArgumentParser, fail, nonneg_int, positive_float, positive_int
 from network.inference import prepare, register, set_threads, tune_allocator
 
 # key -> (label, ModelConfig keywords)
@@ -64,8 +63,7 @@ REFERENCES = {"vs_vtn1": "vtn-1", "vs_vtn10": "vtn-10"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = fail                       # a bad option is one error line (no usage block), exit 2
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--size", type=positive_int, default=128, help="cubic image size (VTN models need a multiple of 64)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's default)")
     p.add_argument("--runs", type=positive_int, default=5, help="timed runs per model (the median is reported)")

@@ -26,7 +26,6 @@ Writes ``<output>.h5`` (group per scan: ``volume``, ``segmentation``, ``point``;
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import json
@@ -41,7 +40,7 @@ from data_util.image_io import NIFTI_SUFFIXES, ImageError, load_image, load_labe
     read_landmarks, same_grid
 from data_util.preprocess import add_preprocessing_args, corners, label_box, model_grid, normalisation_for, orientation_matrix, resample, \
     resample_labels, world_to_voxel
-from network.cli import fail, nonneg_int, positive_float, positive_int, unit_float
+from network.cli import ArgumentParser, fail, nonneg_int, positive_float, positive_int, unit_float
 from network.outputs import OutputError, atomic_output
 
 CSV_COLUMNS = ("id", "image", "label", "landmarks")
@@ -49,8 +48,7 @@ LANDMARK_SUFFIXES = (".csv", ".txt")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = fail                       # a bad option is one error line (no usage block), exit 2
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--images", required=True, help="folder of scans, or a CSV list id,image[,label][,landmarks]")
     p.add_argument("--labels", help="folder of label maps named by scan id (folder input only)")
     p.add_argument("--landmarks", help="folder of landmark files <id>.csv / <id>.txt (folder input only)")

@@ -15,7 +15,6 @@ and mean (nearest-neighbour label warp), Dice30, HD95 in voxels and mm, SDlogJ, 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -31,7 +30,7 @@ from data_util.learn2reg import make_dataset_loader, uncrop_flow
 from data_util.submission import write_displacement
 from network import CheckpointError, SizeError, build_model, count_parameters, load_checkpoint
 from network.checkpoint import load_weights
-from network.cli import HelpFormatter, nonneg_float, nonneg_int, positive_float, positive_int, run_name
+from network.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run_name
 from network.outputs import OutputSet, atomic_write_text
 from network.inference import prepare, register, tune_allocator
 from network.metrics import METRIC_KEYS, l2r_pair_scores, pair_metrics, summarise, summarise_l2r
@@ -39,7 +38,7 @@ from network.cli import fail, load_dataset, resolve_device, stored_dataset, to_d
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("-c", "--checkpoint", required=True, help="weights/<run>[:STEP] or a ckpt_<step>.pt file")
     p.add_argument("-d", "--dataset", default=None, help="dataset JSON (default: the one used for training)")
     p.add_argument("-v", "--val_subset", default=None, help="scheme to evaluate (default '2', the validation split)")

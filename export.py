@@ -28,7 +28,6 @@ inside the TorchScript module.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 
 from network import CheckpointError, SizeError, build_model, layers, load_checkpoint
 from network.checkpoint import atomic_output, load_weights
-from network.cli import fail, nonneg_float, positive_int
+from network.cli import ArgumentParser, fail, nonneg_float, positive_int
 from network.inference import FastRegistration, register
 from network.outputs import OutputError
 
@@ -76,8 +75,7 @@ class ExportError(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = fail                       # a bad option is one error line (no usage block), exit 2
+    p = ArgumentParser(description=__doc__)
     p.add_argument("-c", "--checkpoint", required=True, help="weights/<run>[:STEP] or a ckpt_<step>.pt file")
     p.add_argument("--format", nargs="+", choices=FORMATS, default=["torchscript"],
                    help="formats to write (default: torchscript)")

@@ -13,7 +13,6 @@ adds missing pairs. Storage is about ``6 * X * Y * Z`` bytes per pair before com
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -25,11 +24,11 @@ from data_util import DatasetError, RCNDataset, make_loader, scan_id
 from data_util.teacher_flows import TeacherFlowError, TeacherFlowWriter, pair_key
 from network import CheckpointError, SizeError
 from network.aldk import OnlineTeacher
-from network.cli import fail, nonneg_int, positive_int, resolve_device, stored_dataset, to_device
+from network.cli import ArgumentParser, fail, nonneg_int, positive_int, resolve_device, stored_dataset, to_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("-c", "--checkpoint", required=True, help="teacher: weights/<run>[:STEP] or a ckpt_<step>.pt file")
     p.add_argument("-d", "--dataset", default=None, help="dataset JSON (default: the teacher's training dataset)")
     p.add_argument("--split", default="1", help="scheme whose pairs are extracted (default '1', training)")

@@ -23,7 +23,6 @@ image's original grid with its header:
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -41,7 +40,7 @@ from data_util.preprocess import MODEL_MODALITIES, Grid, add_preprocessing_args,
 from data_util.world_transform import WorldDisplacement
 from network import CheckpointError, SizeError, build_model, load_checkpoint
 from network.checkpoint import atomic_write_text, load_weights
-from network.cli import explicit_dests, fail, positive_float, positive_int, resolve_device
+from network.cli import ArgumentParser, explicit_dests, fail, positive_float, positive_int, resolve_device
 from network.inference import prepare, register, set_threads
 from network.outputs import OutputError, OutputSet, os_error_reason
 
@@ -53,8 +52,7 @@ TRAINED_MODALITIES = {"uint8": "uint8", "l2r": "l2r", "none": "none"}
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = fail                       # a bad option is one error line (no usage block), exit 2
+    p = ArgumentParser(description=__doc__)
     p.add_argument("-c", "--checkpoint", required=True, help="weights/<run>[:STEP] or a ckpt_<step>.pt file")
     p.add_argument("--fixed", required=True, help="fixed image: NIfTI file or DICOM series folder")
     p.add_argument("--moving", required=True, help="moving image: NIfTI file or DICOM series folder")

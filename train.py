@@ -30,7 +30,7 @@ from network import (DEFORMABLE_NETWORKS, CheckpointError, DEFAULT_CHANNELS, DEF
                      RegistrationLoss, SizeError, build_model, count_parameters, load_checkpoint, save_checkpoint)
 from network.checkpoint import (RunLock, list_checkpoints, load_weights, prune_checkpoints, restore_rng_state,
                                 rng_state)
-from network.cli import (HelpFormatter, explicit_dests, fail, load_dataset, nonneg_float, nonneg_int,
+from network.cli import (ArgumentParser, explicit_dests, fail, load_dataset, nonneg_float, nonneg_int,
                          positive_float, positive_int, resolve_device, run_name, stored_dataset, to_device,
                          unit_float)
 from network.losses import REGULARISERS, SIMILARITY
@@ -43,7 +43,7 @@ __all__ = ["main", "build_parser", "parse_args", "forward_and_loss", "learning_r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("-b", "--base_network", default="VTN", choices=sorted(DEFORMABLE_NETWORKS),
                    help="deformable base network of each cascade")
     p.add_argument("-n", "--n_cascades", type=positive_int, default=1, help="number of deformable cascades")

@@ -9,7 +9,6 @@ else an LPS grid of ``--spacing`` mm centred on the origin (the RCN datasets sto
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from contextlib import ExitStack
@@ -18,7 +17,7 @@ import numpy as np
 
 from .dataset import DatasetError, RCNDataset, landmark_mask
 from .image_io import Volume, apply_affine, save_nifti
-from network.cli import fail, positive_float
+from network.cli import ArgumentParser, fail, positive_float
 from network.outputs import OutputError, atomic_output
 
 
@@ -59,8 +58,7 @@ def export(dataset: RCNDataset, entry: str, out_dir: str, spacing: float = 1.0, 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = fail                       # a bad option is one error line (no usage block), exit 2
+    p = ArgumentParser(description=__doc__)
     p.add_argument("-d", "--dataset", required=True, help="dataset JSON")
     p.add_argument("-e", "--entry", nargs="+", required=True, help="entries, e.g. synth/val_000")
     p.add_argument("-o", "--out", required=True, help="output folder")

@@ -21,7 +21,6 @@ HDF5 group ``synth/<split>_<nnn>`` holds:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -232,9 +231,9 @@ def generate(out_dir, size: int = 64, n_train: int = 16, n_val: int = 6, seed: i
 
 
 def main(argv=None) -> int:
-    from network.cli import nonneg_float, nonneg_int, positive_int, run_name
+    from network.cli import ArgumentParser, nonneg_float, nonneg_int, positive_int, run_name
 
-    parser = argparse.ArgumentParser(description="Generate a synthetic RCN-layout registration dataset.")
+    parser = ArgumentParser(description="Generate a synthetic RCN-layout registration dataset.")
     parser.add_argument("--out", default="data/synthetic", help="output directory")
     parser.add_argument("--size", type=positive_int, default=64, help="volume size (cube, >= 8)")
     parser.add_argument("--train", type=nonneg_int, default=16, help="number of training scans")

@@ -362,9 +362,9 @@ def summarise(json_path) -> dict:
 
 
 def main(argv=None) -> int:
-    from network.cli import fail, nonneg_int, positive_int
+    from network.cli import ArgumentParser, fail, nonneg_int, positive_int
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/hippocampus", help="output folder (default data/hippocampus)")
     p.add_argument("--n_train", type=positive_int, default=20, help="training scans (>= 2)")

@@ -176,10 +176,22 @@ def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-__all__ = ["HelpFormatter", "fail", "run", "positive_int", "nonneg_int", "finite_float", "positive_float", "nonneg_float",
+__all__ = ["ArgumentParser", "HelpFormatter", "fail", "run", "positive_int", "nonneg_int", "finite_float", "positive_float", "nonneg_float",
            "unit_float", "run_name", "explicit_dests", "resolve_device", "load_dataset", "stored_dataset",
            "to_device"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """``--help`` keeps the description's line breaks and shows every option's default."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: ``--help`` shows every default (:class:`HelpFormatter`), and a bad
+    option or value is one error line (``<script>: error: argument --batch: ...``), exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        fail(message)
