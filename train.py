@@ -289,7 +289,7 @@ class Run:
         self.best = (state or {}).get("best")
         self.n_params = count_parameters(model)
         self.train_args = dict(vars(args), dataset_abspath=os.path.abspath(args.dataset))
-        self.aug_gen = torch.Generator(device="cpu").manual_seed(args.seed + 7919)
+        self.aug_gen = torch.Generator(device="cpu").manual_seed(args.seed)
         self.class_values = (list(dataset.segmentation_class_value.values())
                              if dataset.segmentation_class_value else None)
         self.is_l2r = getattr(dataset, "image_type", None) == "learn2reg"
