@@ -139,9 +139,11 @@ class RunLockError(Exception):
 
 
 class RunLock:
-    """An exclusive lock on a run folder (``<folder>/.lock``, ``fcntl.flock``), held while a
-    training writes there. The operating system releases it when the process ends, even on
-    ``kill -9``, so a stale lock never blocks a resume. The file records the holder's host and pid
+    """An exclusive lock on a run folder (``<folder>/.lock``, a POSIX record lock, ``fcntl.lockf``),
+    held while a training writes there. The operating system releases it when the process ends,
+    even on ``kill -9``, so a stale lock never blocks a resume. A POSIX lock belongs to the process
+    and is not inherited by forked DataLoader workers (an ``flock`` would be, and a killed
+    trainer's orphaned workers would keep the folder locked until they notice). The file records the holder's host and pid
     for the error message."""
 
     NAME = ".lock"
@@ -167,7 +169,7 @@ class RunLock:
             from .outputs import os_error_reason
             raise OutputError(f"{self.folder}: cannot create the run folder ({os_error_reason(e, self.folder)})") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)

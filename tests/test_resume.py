@@ -54,8 +54,10 @@ def reference(work):
 @pytest.fixture(scope="module")
 def killed_and_resumed(work, reference):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *FLAGS, "--output", "killed", "-d", "data/synthetic.json",
-           "--teacher", "weights/teacher"]
+    # one loader worker here (the reference has none): the killed trainer's orphaned worker must not
+    # keep the run folder locked, and the worker count must not change the result
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *FLAGS, "--workers", "1", "--output", "killed",
+           "-d", "data/synthetic.json", "--teacher", "weights/teacher"]
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = work / "weights" / "killed" / "ckpt_12.pt"
     deadline = time.time() + 240
