@@ -1,6 +1,6 @@
 """Data utilities: RCN JSON + HDF5 datasets, pair loaders, training augmentation, synthetic data.
 
-Conventions (DESIGN.md §2): images ``(B, 1, X, Y, Z)``, flows ``(B, 3, X, Y, Z)`` in voxels; image 1
+Conventions (README section "Conventions"): images ``(B, 1, X, Y, Z)``, flows ``(B, 3, X, Y, Z)`` in voxels; image 1
 is fixed, image 2 is moving; stored volumes are uint8 0..255 and networks see ``volume / 255``.
 """
 from data_util.augmentation import (augment_moving, augment_pair_affine, bspline_weights, interpolate_control_grid,

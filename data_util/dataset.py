@@ -18,7 +18,7 @@ Entry lookup follows RCN's FileManager: for entry ``"a/b/c"``, if ``"a"`` is a p
 the key ``"b/c"`` is read from that file; otherwise, if ``"/"`` is a prefix, the full key
 ``"a/b/c"`` is read from the default file. The scan id is the entry with ``/`` replaced by ``_``.
 
-Pairs are ``(fixed_entry, moving_entry)``: image 1 is fixed, image 2 is moving (DESIGN.md §2).
+Pairs are ``(fixed_entry, moving_entry)``: image 1 is fixed, image 2 is moving (README, Conventions).
 """
 from __future__ import annotations
 

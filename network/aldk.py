@@ -14,7 +14,7 @@ final aggregated flow for the *same* (possibly augmented) pair the student sees,
 * Baseline ``mode="l2"``: ``l_adv`` replaced by the mean squared voxel error ``|φ_s - φ_t|²``.
 
 What the released TF code did instead (no gradient through the adversarial term, an untrained critic,
-a penalty on logits) is described in ``shared/reference/papers.md`` §1.6; none of it is reproduced.
+a penalty on logits) is not reproduced.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Base registration networks: deformable cascades (LDR, VTN, VoxelMorph) and affine stems.
 
 Every network takes ``fixed`` and ``moving`` images ``(B, 1, X, Y, Z)`` (intensities in [0, 1]) and
-returns a dict with ``"flow"``: a displacement ``(B, 3, X, Y, Z)`` in voxels (DESIGN.md §2).
+returns a dict with ``"flow"``: a displacement ``(B, 3, X, Y, Z)`` in voxels (README, Conventions).
 Affine stems also return ``"W"`` ``(B, 3, 3)``, ``"b"`` ``(B, 3)`` and ``"A" = I + W``.
-Parameter counts at ``channels=16`` match the TensorFlow references (DESIGN.md §3).
+Parameter counts at ``channels=16`` match the TensorFlow references (README, Models and parameter counts).
 """
 from __future__ import annotations
 

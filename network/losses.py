@@ -1,4 +1,4 @@
-"""Registration losses (DESIGN.md §4). Per-sample functions return ``(B,)`` tensors.
+"""Registration losses. Per-sample functions return ``(B,)`` tensors.
 
 :class:`RegistrationLoss` combines them for a :class:`RecursiveCascadeNetwork` output and returns
 ``(total, components)`` where ``components`` maps a name to a scalar tensor, so logging is generic.

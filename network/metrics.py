@@ -1,4 +1,4 @@
-"""Registration metrics (DESIGN.md §7), shared by training-time validation and ``eval.py``.
+"""Registration metrics, shared by training-time validation and ``eval.py``.
 
 All functions work on torch tensors with the package conventions: flows ``(B, 3, X, Y, Z)`` in
 voxels, segmentations ``(B, 1, X, Y, Z)`` as stored (0/255 masks or integer label values),

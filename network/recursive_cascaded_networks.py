@@ -4,7 +4,7 @@ A model is an ordered list of stems: an optional affine stem, then ``n`` deforma
 applied ``rep`` times with shared weights (RCN order ``c0, c0, ..., c1, c1, ...``). Every stem sees the
 fixed image and the moving image warped by the current aggregated flow; flows compose as
 ``agg_k = warp(agg_{k-1}, flow_k) + flow_k`` and the warped image of stage k is always
-``warp(original_moving, agg_k)`` (DESIGN.md §2).
+``warp(original_moving, agg_k)`` (README, Conventions).
 
 The architecture is an explicit :class:`ModelConfig`, saved with every checkpoint.
 """
@@ -89,7 +89,7 @@ class ModelConfig:
 
 
 def compose_stage(agg: torch.Tensor | None, flow: torch.Tensor, affine: dict | None = None) -> torch.Tensor:
-    """Aggregate flow after a deformable stage: ``flow`` applied after ``agg`` (DESIGN.md §2).
+    """Aggregate flow after a deformable stage: ``flow`` applied after ``agg`` (README, Conventions).
 
     Right after an affine stem (``affine`` given) the composition is exact and needs no resampling:
     ``A (x + u(x)) + b - x = affine(x) + A u(x)``.
