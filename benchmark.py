@@ -38,7 +38,7 @@ import time
 import torch
 
 from network import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, ModelConfig, build_model, count_parameters, layers
-from network.checkpoint import atomic_write_text
+from network.outputs import atomic_write_text
 from network.cli import ArgumentParser, fail, nonneg_int, positive_float, positive_int
 from network.inference import prepare, register, set_threads, tune_allocator
 

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from network import CheckpointError, SizeError, build_model, layers, load_checkpoint
-from network.checkpoint import atomic_output, load_weights
+from network.checkpoint import load_weights
+from network.outputs import atomic_output
 from network.cli import ArgumentParser, fail, nonneg_float, positive_int
 from network.inference import FastRegistration, register
 from network.outputs import OutputError

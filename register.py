@@ -39,7 +39,8 @@ from data_util.preprocess import MODEL_MODALITIES, Grid, add_preprocessing_args,
     normalisation_for, preprocessing_arg_error, resample, resample_labels
 from data_util.world_transform import WorldDisplacement
 from network import CheckpointError, SizeError, build_model, load_checkpoint
-from network.checkpoint import atomic_write_text, load_weights
+from network.checkpoint import load_weights
+from network.outputs import atomic_write_text
 from network.cli import ArgumentParser, explicit_dests, fail, positive_float, positive_int, resolve_device
 from network.inference import prepare, register, set_threads
 from network.outputs import OutputError, OutputSet, os_error_reason

@@ -17,7 +17,7 @@ import numpy as np
 
 from .dataset import DatasetError, RCNDataset, landmark_mask
 from .image_io import Volume, apply_affine, save_nifti
-from network.cli import ArgumentParser, fail, positive_float
+from network.cli import ArgumentParser, positive_float
 from network.outputs import OutputError, atomic_output
 
 
@@ -49,7 +49,7 @@ def export(dataset: RCNDataset, entry: str, out_dir: str, spacing: float = 1.0, 
         save_nifti(stage(paths["label"]), seg.astype(np.uint8 if seg.max(initial=0) < 256 else np.int32), ref,
                    description=f"{entry} labels")
     if scan["point"] is not None and landmark_mask(scan["point"]).any():
-        from network.checkpoint import atomic_write_text
+        from network.outputs import atomic_write_text
         world = apply_affine(ref.affine, scan["point"].astype(np.float64))
         world[~landmark_mask(scan["point"])] = np.nan                   # missing rows stay in place
         paths["landmarks"] = base + "_landmarks.csv"

@@ -276,7 +276,7 @@ def load_label_for(image: Volume, path: str) -> Volume:
 
 def _atomic_nibabel_save(img, path: str) -> None:
     import nibabel as nib
-    from network.checkpoint import atomic_output
+    from network.outputs import atomic_output
     with atomic_output(path) as tmp:
         nib.save(img, tmp)
 

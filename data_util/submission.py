@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from network.checkpoint import atomic_output
+from network.outputs import atomic_output
 
 logger = logging.getLogger(__name__)
 

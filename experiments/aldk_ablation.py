@@ -34,7 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import ROOT, run  # noqa: E402
-from network.checkpoint import atomic_write_text  # noqa: E402
+from network.outputs import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv=None):

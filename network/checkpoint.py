@@ -5,6 +5,12 @@ Layout: ``weights/<output>/ckpt_<step>.pt``. A checkpoint is a dict::
     {"format": "ldr-rcn-checkpoint", "version": 1, "model_config": {...}, "model": state_dict,
      "optimizer": state_dict | None, "step": int, "epoch": int, "train_args": {...}}
 
+``train.py`` adds ``rng`` (torch / numpy / augmentation generator states, :func:`rng_state`),
+``distill`` (critic and its optimiser), ``input_normalisation`` (how images were scaled for the
+network), ``val`` (validation metrics at this step, if any), ``best`` (best validated step so far)
+and ``n_params``. The run folder is locked while a training writes to it (:class:`RunLock`) and
+old checkpoints are pruned (:func:`prune_checkpoints`).
+
 Loading uses ``torch.load(weights_only=True)``: only tensors and plain containers are accepted, so a
 checkpoint cannot execute code.
 """
@@ -15,7 +21,7 @@ import re
 
 import torch
 
-from .outputs import OutputError, atomic_output, atomic_save, atomic_write_text  # noqa: F401  (re-exported)
+from .outputs import OutputError, atomic_save, os_error_reason
 
 FORMAT = "ldr-rcn-checkpoint"
 VERSION = 1
@@ -166,7 +172,6 @@ class RunLock:
             os.makedirs(self.folder, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            from .outputs import os_error_reason
             raise OutputError(f"{self.folder}: cannot create the run folder ({os_error_reason(e, self.folder)})") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -22,7 +22,7 @@ import os
 import numpy as np
 import torch
 
-from .checkpoint import atomic_output
+from .outputs import atomic_output
 from .layers import warp
 
 __all__ = ["grid_lines", "slice_offsets", "tensorboard_panel", "registration_figure", "save_figure"]
