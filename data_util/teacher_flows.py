@@ -32,13 +32,14 @@ import ctypes
 import json
 import os
 import pickle
-import re
 import shutil
 import struct
 import tempfile
 
 import h5py
 import numpy as np
+
+from network.outputs import os_error_reason
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -212,20 +213,6 @@ def _json_normalised(value):
     return json.loads(json.dumps(value))
 
 
-def _write_reason(exc, path) -> str:
-    """Why a write failed: the errno of an OSError or of an HDF5 message (``errno = 28``), else
-    the outputs module's reason."""
-    from network.outputs import os_error_reason
-
-    code = getattr(exc, "errno", None)
-    found = re.search(r"errno = (\d+)", str(exc))
-    if code is None and found:
-        code = int(found.group(1))
-    if code is not None:
-        return os_error_reason(OSError(code, os.strerror(code)), path)
-    return os_error_reason(exc, path)
-
-
 def _leak(*objects) -> None:
     """Keep HDF5 handles alive until the process ends. After a failed write (e.g. a full disk) the
     HDF5 library can no longer close the file: closing it, or Python freeing the handles at exit,
@@ -303,7 +290,7 @@ class TeacherFlowWriter:
                 _leak(self._file)
                 self._file = None
                 raise TeacherFlowError(f"{self.partial}: cannot create the store "
-                                       f"({_write_reason(exc, self.partial)})") from None
+                                       f"({os_error_reason(exc, self.partial)})") from None
             self.manifest = json.loads(text)
 
     # ---- room to write -----------------------------------------------------------------------
@@ -318,7 +305,7 @@ class TeacherFlowWriter:
             os.remove(probe)
         except OSError as exc:
             raise TeacherFlowError(f"{self.partial}: cannot write the teacher-flow store here "
-                                   f"({_write_reason(exc, folder)})") from None
+                                   f"({os_error_reason(exc, folder)})") from None
 
     def _check_space(self, need: int, what: str) -> None:
         folder = os.path.dirname(os.path.abspath(self.partial))
@@ -394,7 +381,7 @@ class TeacherFlowWriter:
             _leak(self._file, flows, dataset)
             self._file = None
             raise TeacherFlowError(f"{self.partial}: cannot write teacher flow of pair '{key}' "
-                                   f"({_write_reason(exc, self.partial)}); {RESUME_HINT}") from None
+                                   f"({os_error_reason(exc, self.partial)}); {RESUME_HINT}") from None
 
     # ---- closing ---------------------------------------------------------------------------
 
@@ -406,7 +393,7 @@ class TeacherFlowWriter:
                 handle.close()
             except (OSError, RuntimeError, ValueError) as exc:
                 _leak(handle)
-                raise TeacherFlowError(f"{self.partial}: cannot close the store ({_write_reason(exc, self.partial)}); "
+                raise TeacherFlowError(f"{self.partial}: cannot close the store ({os_error_reason(exc, self.partial)}); "
                                        f"{RESUME_HINT}") from None
 
     def finish(self) -> None:
@@ -418,7 +405,7 @@ class TeacherFlowWriter:
             os.replace(self.partial, self.path)
         except OSError as exc:
             raise TeacherFlowError(f"{self.path}: cannot move the finished store into place "
-                                   f"({_write_reason(exc, self.path)}); {RESUME_HINT}") from None
+                                   f"({os_error_reason(exc, self.path)}); {RESUME_HINT}") from None
         self._finished = True
 
     def __enter__(self):

@@ -73,43 +73,22 @@ def _number(kind, text: str, what: str):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(int, text, "an integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
+def _checked(kind, what: str, ok, rule: str):
+    """An argparse type: ``kind(text)``, finite, and ``ok(value)`` or the error ``must be <rule>``."""
+    def parse(text: str):
+        value = _number(kind, text, what)
+        if ok is not None and not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {rule}")
+        return value
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    value = _number(int, text, "an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
-def finite_float(text: str) -> float:
-    return _number(float, text, "a number")
-
-
-def positive_float(text: str) -> float:
-    value = _number(float, text, "a number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    value = _number(float, text, "a number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
-def unit_float(text: str) -> float:
-    value = _number(float, text, "a number")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
-    return value
+positive_int = _checked(int, "an integer", lambda v: v >= 1, ">= 1")
+nonneg_int = _checked(int, "an integer", lambda v: v >= 0, ">= 0")
+finite_float = _checked(float, "a number", None, "")
+positive_float = _checked(float, "a number", lambda v: v > 0, "> 0")
+nonneg_float = _checked(float, "a number", lambda v: v >= 0, ">= 0")
+unit_float = _checked(float, "a number", lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
 
 
 def run_name(text: str) -> str:

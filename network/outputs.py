@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -35,9 +36,13 @@ class OutputError(Exception):
 
 
 def os_error_reason(exc: BaseException, path: str | None = None) -> str:
-    """A short reason for a failed write: ``errno`` when there is one, else the free space of
-    ``path``'s file system when it is (almost) full, else the exception's first line."""
+    """A short reason for a failed write: ``errno`` when there is one (also the ``errno = N`` that
+    HDF5 puts in its messages), else the free space of ``path``'s file system when it is (almost)
+    full, else the exception's first line."""
     code = getattr(exc, "errno", None)
+    found = re.search(r"errno = (\d+)", str(exc))
+    if code is None and found:
+        code = int(found.group(1))
     if code in _REASONS:
         return _REASONS[code]
     if path is not None:
