@@ -12,6 +12,9 @@ The default name is ``<run>-<step>-<split>``, plus ``-r<rep>``, ``-<dataset>`` a
 Learn2Reg datasets (or ``--l2r``) are also scored the challenge way (``l2r_*`` columns): Dice per label
 and mean (nearest-neighbour label warp), Dice30, HD95 in voxels and mm, SDlogJ, % folding.
 ``--submission DIR`` writes the challenge's ``DIR/task_04/disp_<fixed>_<moving>.npz`` files.
+
+``--refine [N]`` refines every network flow by instance optimisation on its pair (``network/refine.py``;
+seconds per pair then include it); the name gets ``-refine<N>``.
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ from network.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float
 from network.outputs import OutputSet, atomic_write_text
 from network.inference import prepare, register, tune_allocator
 from network.metrics import METRIC_KEYS, l2r_pair_scores, pair_metrics, summarise, summarise_l2r
-from network.cli import fail, load_dataset, resolve_device, stored_dataset, to_device
+from network.cli import explicit_dests, fail, load_dataset, resolve_device, stored_dataset, to_device
+from network.refine import register_pair
+from network.refine_cli import add_refine_args, network_start, refine_arg_error, refine_config
 
 
 def parse_args(argv=None):
@@ -64,7 +69,12 @@ def parse_args(argv=None):
                    help="write DIR/task_<NN>/disp_<fixed>_<moving>.npz (float16, (3, X, Y, Z) on the original "
                         "fixed grid) for every pair")
     c.add_argument("--task", type=nonneg_int, default=4, help="challenge task number of the submission folder")
-    return p.parse_args(argv)
+    add_refine_args(p, network_optional=False)
+    args = p.parse_args(argv)
+    problem = refine_arg_error(args, explicit_dests(p, argv))
+    if problem:
+        p.error(problem)
+    return args
 
 
 def fmt(v: float) -> str:
@@ -166,6 +176,8 @@ def evaluate_pairs(model, loader, device, class_values, l2r_labels, args, submis
                     torch.cuda.synchronize()
                 t = time.perf_counter()
                 flow = register(model, batch["voxel1"], batch["voxel2"])["flow"]
+                if args.refine is not None:
+                    flow = refine_batch(args, model, batch, flow)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = (time.perf_counter() - t) / flow.shape[0]
@@ -190,6 +202,23 @@ def evaluate_pairs(model, loader, device, class_values, l2r_labels, args, submis
         fail(str(e))
 
 
+def refine_batch(args, model, batch, flow):
+    """Each pair's network flow refined by instance optimisation (``--refine``)."""
+    config = refine_config(args, with_network=True)
+    out = []
+    for i in range(flow.shape[0]):
+        fixed, moving = batch["voxel1"][i:i + 1], batch["voxel2"][i:i + 1]
+        if config.affine != "none":          # affine stage, the network on the aligned pair, then deformable
+            out.append(register_pair(fixed, moving, config, network=lambda f, m: register(model, f, m)["flow"]).flow)
+            continue
+        try:
+            start = network_start(model, fixed, moving, flow[i:i + 1], args.refine_from)
+        except ValueError as e:
+            fail(f"{args.checkpoint}: {e}")
+        out.append(register_pair(fixed, moving, config, init_flow=start).flow)
+    return torch.cat(out)
+
+
 def default_name(args, state, split: str, dataset_path: str) -> str:
     """``<run>-<step>-<split>``, with ``-r<rep>``, ``-<dataset>`` and ``-n<limit>`` when they are given."""
     run = os.path.basename(os.path.dirname(os.path.abspath(state["path"])))
@@ -201,6 +230,8 @@ def default_name(args, state, split: str, dataset_path: str) -> str:
         name += "-" + os.path.splitext(os.path.basename(dataset_path))[0]
     if args.limit is not None:
         name += f"-n{args.limit}"
+    if args.refine is not None:
+        name += f"-refine{args.refine}"
     return name
 
 
@@ -272,6 +303,8 @@ def main(argv=None):
                 "model_config": model.config.to_dict(), "n_params": n_params, "n_pairs": len(rows),
                 "seconds_per_pair": sum(times) / len(times), "device": str(device), "batch": args.batch,
                 "threads": torch.get_num_threads()}
+        if args.refine is not None:
+            info["refine"] = refine_config(args, with_network=True).to_dict()
         if l2r_summary is not None:
             info.update(l2r_labels=l2r_labels, sdlogj_offset=args.sdlogj_offset)
         if submission is not None:

@@ -1,7 +1,13 @@
-"""Register one scan pair with a trained checkpoint: NIfTI / DICOM in, NIfTI + CSV + PNG out.
+"""Register one scan pair: NIfTI / DICOM in, NIfTI + CSV + PNG out.
 
 ``python register.py -c weights/<run> --fixed F --moving M -o OUT [--fixed_label FL --moving_label ML]
-[--fixed_landmarks F.csv --moving_landmarks M.csv] [--modality auto|ct|mri|uint8]``
+[--fixed_landmarks F.csv --moving_landmarks M.csv] [--modality auto|ct|mri|uint8] [--refine [N]]``
+
+``python register.py --fixed F --moving M -o OUT --refine [N]`` registers without a trained model:
+affine (rigid, then 12-dof), then deformable instance optimisation (``network/refine.py``) on a grid
+of ``--spacing`` mm (default 2) covering the fixed image. With ``-c``, ``--refine`` starts from the
+network's flow (``--refine_from affine``: from its affine stem's output) and refines it on the model
+grid. ``N``: Adam iterations at the finest level (coarser levels get twice as many).
 
 ``F`` / ``M``: ``.nii`` / ``.nii.gz`` files or DICOM series folders, any orientation, spacing and size.
 Both are resampled in world coordinates onto the model grid (``--orientation``, default LPS; the
@@ -13,8 +19,9 @@ image's original grid with its header:
 * ``warped.nii.gz``: the moving image (its original intensities) resampled through the registration;
 * ``warped_label.nii.gz``: the moving label map (``--label_interp nearest|linear``);
 * ``displacement.nii.gz``: ``(X, Y, Z, 1, 3)`` float32 mm in world RAS+ (NIfTI vector intent). For the
-  fixed voxel at world ``x``, the moving image is read at ``x + d(x)`` (pull-back). ITK / ANTs use LPS:
-  negate the first two components there;
+  fixed voxel at world ``x``, the moving image is read at ``x + d(x)`` (pull-back);
+* ``displacement_itk.nii.gz``: the same field with LPS components (the first two negated), the
+  displacement-field transform that antsApplyTransforms, SimpleITK and 3D Slicer apply directly;
 * ``jacobian.nii.gz``: the determinant of ``x -> x + d(x)`` (<= 0 where the map folds);
 * ``landmarks.csv`` (fixed landmarks mapped into the moving image, with the registration error when
   moving landmarks are given) and ``moving_landmarks_in_fixed.csv``;
@@ -36,17 +43,20 @@ import torch
 from data_util.image_io import ImageError, Volume, apply_affine, load_image, load_label_for, read_landmarks, \
     save_nifti
 from data_util.preprocess import MODEL_MODALITIES, Grid, add_preprocessing_args, label_box, model_grid, \
-    normalisation_for, preprocessing_arg_error, resample, resample_labels
+    normalisation_for, preprocessing_arg_error, resample, resample_labels, fov_grid
 from data_util.world_transform import WorldDisplacement
 from network import CheckpointError, SizeError, build_model, load_checkpoint
 from network.checkpoint import load_weights
 from network.outputs import atomic_write_text
 from network.cli import ArgumentParser, explicit_dests, fail, positive_float, positive_int, resolve_device
-from network.inference import prepare, register, set_threads
+from network.inference import prepare, register, set_threads, tune_allocator
 from network.outputs import OutputError, OutputSet, os_error_reason
+from network.refine import register_pair
+from network.refine_cli import add_refine_args, network_start, refine_arg_error, refine_config
 
 # every file register.py may write: an existing -o folder holding anything else is not replaced
-OUTPUT_NAMES = ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "jacobian.nii.gz", "landmarks.csv",
+OUTPUT_NAMES = ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "displacement_itk.nii.gz",
+                "jacobian.nii.gz", "landmarks.csv",
                 "moving_landmarks_in_fixed.csv", "figure.png", "report.json")
 # a checkpoint's input_normalisation -> --modality
 TRAINED_MODALITIES = {"uint8": "uint8", "l2r": "l2r", "none": "none"}
@@ -54,7 +64,8 @@ TRAINED_MODALITIES = {"uint8": "uint8", "l2r": "l2r", "none": "none"}
 
 def build_parser():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("-c", "--checkpoint", required=True, help="weights/<run>[:STEP] or a ckpt_<step>.pt file")
+    p.add_argument("-c", "--checkpoint", default=None,
+                   help="weights/<run>[:STEP] or a ckpt_<step>.pt file (optional with --refine)")
     p.add_argument("--fixed", required=True, help="fixed image: NIfTI file or DICOM series folder")
     p.add_argument("--moving", required=True, help="moving image: NIfTI file or DICOM series folder")
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -66,7 +77,8 @@ def build_parser():
                    help="mm: world RAS+ coordinates; voxel: indices into that image (default mm)")
     p.add_argument("--size", type=positive_int, nargs=3, default=None,
                    help="model grid size (default: the checkpoint's)")
-    p.add_argument("--spacing", type=positive_float, default=None, help="model grid spacing in mm (default: fit the FOV)")
+    p.add_argument("--spacing", type=positive_float, default=None,
+                   help="model grid spacing in mm (default: fit the FOV into the checkpoint's size; without -c: 2)")
     p.add_argument("--align", choices=["none", "center", "com"], default="none",
                    help="initial translation of the moving image: none, field-of-view centres, or "
                         "intensity centres of mass (scans not in a common world frame)")
@@ -74,17 +86,33 @@ def build_parser():
     p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no_figure", action="store_true", help="skip figure.png")
+    p.add_argument("--fixed_mask", help="region of the fixed image the refinement compares (mask on its grid)")
+    p.add_argument("--refine_spacing", type=positive_float, default=None,
+                   help="with -c and --refine: refine on a grid of this spacing (mm) over the fixed image, "
+                        "starting from the network's flow carried there (default: the model grid)")
     add_preprocessing_args(p, modalities=MODEL_MODALITIES)
+    add_refine_args(p)
     return p
 
 
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    problem = preprocessing_arg_error(args)
+    args.explicit = explicit_dests(p, argv)
+    problem = preprocessing_arg_error(args) or refine_arg_error(args, args.explicit)
     if problem:
         p.error(problem)
-    args.explicit = explicit_dests(p, argv)
+    if args.refine is None and "refine_spacing" in args.explicit:
+        p.error("--refine_spacing needs --refine")
+    if args.checkpoint is None:
+        if args.refine is None:
+            p.error("give -c CHECKPOINT, or --refine to register without a trained model (or both)")
+        for flag in ("rep", "refine_from", "refine_spacing"):
+            if flag in args.explicit:
+                p.error(f"--{flag} needs -c CHECKPOINT (without it, --spacing sets the grid)")
+    elif args.refine_spacing is not None and args.affine not in ("auto", "none"):
+        p.error("--refine_spacing carries the network's flow to a finer grid; it cannot follow --affine "
+                f"{args.affine} (the network then runs on the affinely aligned model grid)")
     return args
 
 
@@ -140,9 +168,11 @@ def trained_normalisation(state: dict):
     return None, "the checkpoint does not record its input normalisation"
 
 
-def choose_modalities(args, state: dict, inputs: dict) -> dict:
+def choose_modalities(args, state: dict | None, inputs: dict) -> dict:
     """``{"fixed": modality, "moving": modality}``: the user's explicit ``--modality``, else the
     model's training normalisation, else ``auto`` (today's detection)."""
+    if state is None:
+        return {side: args.modality for side in ("fixed", "moving")}
     trained, source = trained_normalisation(state)
     given = args.modality if "modality" in args.explicit else None
     if given not in (None, "auto"):
@@ -186,6 +216,9 @@ def load_inputs(args) -> dict:
     f, m = inputs["fixed_landmarks"], inputs["moving_landmarks"]
     if f is not None and m is not None and f.shape != m.shape:
         raise ImageError(f"{args.moving_landmarks}: {len(m)} landmarks, but {args.fixed_landmarks} has {len(f)}")
+    inputs["fixed_mask"] = load_label_for(inputs["fixed"], args.fixed_mask) if args.fixed_mask else None
+    if inputs["fixed_mask"] is not None and not (inputs["fixed_mask"].data > 0).any():
+        raise ImageError(f"{args.fixed_mask}: the mask is empty")
     if args.crop == "label" and inputs["fixed_label"] is None:
         raise ImageError(f"{args.fixed}: --crop label needs --fixed_label")
     return inputs
@@ -202,10 +235,20 @@ def centre_of_mass(volume: Volume, norm) -> np.ndarray:
     return apply_affine(volume.affine, ijk[None])[0]
 
 
-def preprocess(args, inputs, image_size) -> dict:
+DEFAULT_REFINE_SPACING = 2.0     # mm, the grid of --refine without -c
+
+
+def preprocess(args, inputs, image_size, grid: Grid | None = None) -> dict:
+    """Both images on the model grid (``grid``, else ``image_size``; None: ``--size``, else
+    ``--spacing`` (default 2 mm) over the fixed field of view), normalised to [0, 1]."""
     fixed, moving = inputs["fixed"], inputs["moving"]
     box = label_box(inputs["fixed_label"], args.margin) if args.crop == "label" else None
-    grid = model_grid(fixed, image_size, args.spacing, args.orientation, box=box)
+    if grid is not None:
+        pass
+    elif image_size is None and args.size is None:
+        grid = fov_grid(fixed, args.spacing or DEFAULT_REFINE_SPACING, args.orientation, box=box)
+    else:
+        grid = model_grid(fixed, image_size or tuple(args.size), args.spacing, args.orientation, box=box)
     modalities = args.modalities if hasattr(args, "modalities") else {"fixed": args.modality, "moving": args.modality}
     norms = {side: normalisation_for(inputs[side], modalities[side], args.window, args.percentiles)
              for side in ("fixed", "moving")}
@@ -397,11 +440,86 @@ def write_outputs(out_dir: str, files: dict, report=None) -> None:
             raise OutputError(message) from None
 
 
+def ras_to_lps_vectors(displacement: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` RAS+ vectors -> LPS (ITK's world frame): the first two components negated."""
+    return displacement * np.array([-1.0, -1.0, 1.0], dtype=displacement.dtype)
+
+
 def check_finite(name: str, array: np.ndarray, checkpoint: str) -> None:
     bad = int((~np.isfinite(array)).sum())
     if bad:
         raise ImageError(f"{checkpoint}: the registration produced {bad} NaN/Inf values in the {name} "
                          f"(NaN weights in the checkpoint?); nothing written")
+
+
+def _tensor(a, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None].to(device)
+
+
+def network_start_flow(args, model, prep: dict, flow, device) -> np.ndarray:
+    """The refinement's start on the model grid: the network's flow, or its affine stem's."""
+    start = network_start(model, _tensor(prep["fixed"], device), _tensor(prep["moving"], device),
+                          torch.from_numpy(flow)[None].to(device), args.refine_from)
+    return start[0].cpu().numpy()
+
+
+def carry_flow(flow: np.ndarray, source: Grid, target: Grid) -> np.ndarray:
+    """A voxel flow on ``source`` as the same world map in voxels of ``target`` (both isotropic)."""
+    d = WorldDisplacement(flow, source).on_grid(target)                       # (X, Y, Z, 3) mm
+    u = np.linalg.solve(target.affine[:3, :3], d.reshape(-1, 3).T)
+    return u.reshape(3, *target.shape).astype(np.float32)
+
+
+def refine_on_grid(args, model, prep: dict, inputs: dict, start, device, config) -> tuple:
+    """Instance optimisation on ``prep``'s grid; returns ``(flow, warped, result)``. ``start``: the
+    initial flow on that grid (a network's), or None: with a model and ``config.affine`` not
+    ``none``, affine stage first, then the network on the aligned moving image, then deformable."""
+    from network.layers import warp
+    fixed, moving = _tensor(prep["fixed"], device), _tensor(prep["moving"], device)
+    network = None
+    if model is not None and start is None:
+        network = lambda f, m: register(model, f, m, channels_last=device.type == "cpu", rep=args.rep)["flow"]
+    init = None if start is None else torch.from_numpy(start)[None].to(device)
+    mask = None
+    if inputs["fixed_mask"] is not None:
+        mask = _tensor(resample_labels(inputs["fixed_mask"], prep["grid"]) > 0, device)
+    tune_allocator()
+    result = register_pair(fixed, moving, config, init_flow=init, mask=mask, log=print, network=network)
+    with torch.no_grad():
+        warped = warp(moving, result.flow)
+    return result.flow[0].cpu().numpy(), warped[0, 0].cpu().numpy(), result
+
+
+def run_refinement(args, model, prep: dict, inputs: dict, flow, device, config, source: str) -> tuple:
+    """``--refine``: returns ``(prep, flow, warped, report part)``; ``prep`` is the refinement grid's
+    (the model grid, or with ``--refine_spacing`` a finer one the network's flow is carried to)."""
+    try:
+        start = None
+        if model is not None and config.affine == "none":
+            start = network_start_flow(args, model, prep, flow, device)
+            if args.refine_spacing is not None:
+                box = label_box(inputs["fixed_label"], args.margin) if args.crop == "label" else None
+                grid = fov_grid(inputs["fixed"], args.refine_spacing, args.orientation, box=box)
+                start = carry_flow(start, prep["grid"], grid)
+                prep = preprocess(args, inputs, None, grid=grid)
+                print(f"refinement grid: {grid.shape} at {args.refine_spacing:.3f} mm")
+        flow, warped, result = refine_on_grid(args, model, prep, inputs, start, device, config)
+        check_finite("refined flow", flow, source)
+    except (ValueError, ImageError) as e:
+        fail(f"{source}: {e}" if not isinstance(e, ImageError) else str(e))
+    return prep, flow, warped, refine_report(config, result, prep["grid"], prep["translation"])
+
+
+def refine_report(config, result, grid: Grid, translation) -> dict:
+    out = {"config": config.to_dict(), "levels": result.levels,
+           "seconds": {k: round(v, 4) for k, v in result.seconds.items()}}
+    if result.affine is not None:
+        G = grid.affine
+        world = G @ result.affine @ np.linalg.inv(G)          # fixed world -> moving world (mm, RAS+)
+        world[:3, 3] += translation
+        out["affine_voxel"] = np.asarray(result.affine).tolist()
+        out["affine_world_ras"] = world.tolist()
+    return out
 
 
 def main(argv=None):
@@ -420,14 +538,17 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e))
     device = resolve_device(args.gpu)
+    model, state = None, None
     try:
         check_output_folder(args.output)
-        model, state = load_model(args, device)
+        if args.checkpoint is not None:
+            model, state = load_model(args, device)
         inputs = load_inputs(args)
         args.modalities = choose_modalities(args, state, inputs)
     except (CheckpointError, ImageError, OutputError) as e:
         fail(str(e))
-    image_size = tuple(model.config.image_size)
+    image_size = tuple(model.config.image_size) if model is not None else None
+    source = state["path"] if state is not None else "the refinement"
     fixed, moving = inputs["fixed"], inputs["moving"]
     print(f"fixed  {fixed.path}: {fixed.describe()}")
     print(f"moving {moving.path}: {moving.describe()}")
@@ -446,12 +567,20 @@ def main(argv=None):
           f"initial translation {np.round(prep['translation'], 2).tolist()} mm")
     lap("preprocess")
 
-    flow, warped_model = run_network(model, prep, device, args.rep)
-    try:
-        check_finite("network's flow", flow, state["path"])
-    except ImageError as e:
-        fail(str(e))
-    lap("network")
+    flow = warped_model = None
+    config = refine_config(args, with_network=model is not None) if args.refine is not None else None
+    if model is not None and (config is None or config.affine == "none"):     # else the network runs after the affine
+        flow, warped_model = run_network(model, prep, device, args.rep)
+        try:
+            check_finite("network's flow", flow, state["path"])
+        except ImageError as e:
+            fail(str(e))
+        lap("network")
+    refined = None
+    if args.refine is not None:
+        prep, flow, warped_model, refined = run_refinement(args, model, prep, inputs, flow, device, config, source)
+        grid = prep["grid"]
+        lap("refine")
 
     disp = WorldDisplacement(flow, grid, prep["translation"])
     jac_model = disp.jacobian_determinant()
@@ -461,20 +590,24 @@ def main(argv=None):
     jacobian = resample(Volume(jac_model, grid.affine, "jacobian"), fixed_grid, order=1, cval=1.0)
     try:
         for name, array in (("displacement", displacement), ("warped image", warped), ("Jacobian", jacobian)):
-            check_finite(name, array, state["path"])
+            check_finite(name, array, source)
     except ImageError as e:
         fail(str(e))
-    report = {"fixed": fixed.path, "moving": moving.path, "checkpoint": state["path"],
+    report = {"fixed": fixed.path, "moving": moving.path, "checkpoint": state["path"] if state else None,
               "model_grid": grid.to_dict(), "orientation": args.orientation.upper(),
               "normalisation": {k: v.to_dict() for k, v in prep["norms"].items()},
               "initial_translation_mm": prep["translation"].tolist(),
               "displacement_convention": "pull-back, world RAS+ mm: moving is read at x + d(x)",
               "folding_pct": float(100 * (jac_model <= 0).mean()),
               "jacobian_min": float(jac_model.min()), "jacobian_max": float(jac_model.max())}
+    if refined is not None:
+        report["refine"] = refined
     files = {
         "warped.nii.gz": lambda p: save_nifti(p, warped, fixed, description="warped moving image"),
         "displacement.nii.gz": lambda p: save_nifti(p, displacement[:, :, :, None, :], fixed, intent="vector",
                                                     description="pull-back displacement, RAS mm"),
+        "displacement_itk.nii.gz": lambda p: save_nifti(p, ras_to_lps_vectors(displacement)[:, :, :, None, :], fixed,
+                                                        intent="vector", description="pull-back displacement, LPS mm"),
         "jacobian.nii.gz": lambda p: save_nifti(p, jacobian, fixed, description="Jacobian determinant"),
     }
     if inputs["moving_label"] is not None:

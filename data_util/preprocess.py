@@ -85,6 +85,19 @@ def model_grid(reference: Volume, shape, spacing: float | None = None, orientati
     return Grid(shape, affine)
 
 
+def fov_grid(reference: Volume, spacing: float, orientation: str = "LPS", box=None, multiple: int = 1) -> Grid:
+    """An axis-aligned grid of isotropic ``spacing`` mm covering ``box`` (world ``(2, 3)`` corners;
+    default the reference's field of view), its shape rounded up to a multiple of ``multiple``."""
+    if not spacing > 0:
+        raise ValueError(f"grid spacing must be positive, got {spacing}")
+    direction = orientation_matrix(orientation)
+    points = corners(reference) if box is None else np.asarray(box, dtype=np.float64)
+    along = points @ direction
+    n = np.floor((along.max(0) - along.min(0)) / spacing + 1e-6).astype(int) + 1
+    shape = tuple(int(multiple * np.ceil(max(v, 4) / multiple)) for v in n)
+    return model_grid(reference, shape, spacing, orientation, box=box)
+
+
 def label_box(label: Volume, margin: float) -> np.ndarray:
     """World ``(2, 3)`` min/max of the label map's foreground voxels, widened by ``margin`` mm."""
     ijk = np.argwhere(label.data > 0)
@@ -122,6 +135,28 @@ def sample(data: np.ndarray, voxel_coords: np.ndarray, order: int = 1, cval: flo
                                    cval=cval, prefilter=False).reshape(voxel_coords.shape[1:])
 
 
+def lattice_copy(data: np.ndarray, affine: np.ndarray, grid: Grid):
+    """``data`` (on a lattice with ``affine``) read at every voxel of ``grid`` without interpolation,
+    when each grid voxel is one of its voxels (axes permuted / flipped, integer offsets, all inside);
+    else ``None``. Exact: interpolation at lattice points returns the stored values."""
+    M = np.linalg.inv(affine) @ grid.affine
+    R, o = M[:3, :3], M[:3, 3]
+    signs = np.round(R)
+    if np.abs(R - signs).max() > 1e-6 or np.abs(o - np.round(o)).max() > 1e-6 or \
+            not (np.abs(signs).sum(0) == 1).all() or not (np.abs(signs).sum(1) == 1).all():
+        return None
+    perm = [int(np.flatnonzero(signs[:, a])[0]) for a in range(3)]     # grid axis a -> data axis perm[a]
+    out = np.transpose(data, perm)
+    index = []
+    for a, n in enumerate(grid.shape):
+        start, sign = int(round(o[perm[a]])), int(signs[perm[a], a])
+        stop = start + sign * (n - 1)
+        if min(start, stop) < 0 or max(start, stop) >= data.shape[perm[a]]:
+            return None
+        index.append(slice(start, stop + 1) if sign > 0 else slice(start, stop - 1 if stop > 0 else None, -1))
+    return out[tuple(index)]
+
+
 def resample(volume: Volume, grid: Grid, order: int = 1, cval: float | None = None,
              world_map=None, displacement: np.ndarray | None = None, dtype=np.float32) -> np.ndarray:
     """``volume`` sampled at each voxel of ``grid`` (``order`` 1 trilinear, 0 nearest).
@@ -131,6 +166,10 @@ def resample(volume: Volume, grid: Grid, order: int = 1, cval: float | None = No
     an initial translation); default: ``x``. Outside the volume: ``cval`` (default: its minimum for
     images, 0 for order 0).
     """
+    if world_map is None and displacement is None:
+        same = lattice_copy(volume.data, volume.affine, grid)
+        if same is not None:
+            return np.ascontiguousarray(same, dtype=dtype)
     if cval is None:
         cval = 0.0 if order == 0 else float(volume.data.min())
     data = volume.data if order == 0 else volume.data.astype(np.float32, copy=False)

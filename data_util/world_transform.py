@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .preprocess import Grid, _slabs, grid_points, world_to_voxel
+from .preprocess import Grid, _slabs, grid_points, lattice_copy, world_to_voxel
 
 
 class WorldDisplacement:
@@ -61,6 +61,11 @@ class WorldDisplacement:
 
     def on_grid(self, grid: Grid) -> np.ndarray:
         """``d`` at every voxel of ``grid``: ``(X, Y, Z, 3)`` float32 mm."""
+        same = [lattice_copy(self.flow[c], self.grid.affine, grid) for c in range(3)]
+        if all(u is not None for u in same):          # grid voxels are model-grid voxels: no interpolation
+            u = np.stack(same).reshape(3, -1).astype(np.float64)
+            d = self.grid.affine[:3, :3] @ u + self.translation[:, None]
+            return np.ascontiguousarray(np.moveaxis(d.reshape(3, *grid.shape), 0, -1), dtype=np.float32)
         out = np.empty((*grid.shape, 3), dtype=np.float32)
         for start, stop in _slabs(grid):
             out[:, :, start:stop] = np.moveaxis(self(grid_points(grid, start, stop)), 0, -1)
@@ -69,9 +74,8 @@ class WorldDisplacement:
     def jacobian_determinant(self) -> np.ndarray:
         """``det(I + ∇u)`` on the model grid ``(X, Y, Z)`` (central differences, one-sided at the
         border). This is also the determinant of ``x -> x + d(x)`` in mm: the grid's affine cancels."""
-        grads = [np.gradient(self.flow[c].astype(np.float64)) for c in range(3)]
-        J = np.empty((*self.grid.shape, 3, 3))
-        for c in range(3):
-            for a in range(3):
-                J[..., c, a] = grads[c][a] + (c == a)
-        return np.linalg.det(J).astype(np.float32)
+        g = [[np.gradient(self.flow[c], axis=a) + (c == a) for a in range(3)] for c in range(3)]
+        det = (g[0][0] * (g[1][1] * g[2][2] - g[1][2] * g[2][1])
+               - g[0][1] * (g[1][0] * g[2][2] - g[1][2] * g[2][0])
+               + g[0][2] * (g[1][0] * g[2][1] - g[1][1] * g[2][0]))
+        return det.astype(np.float32)

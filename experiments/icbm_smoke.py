@@ -23,7 +23,6 @@ Needs nilearn's files only (``pip install --no-deps nilearn``; nothing is import
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -31,18 +30,31 @@ import subprocess
 import sys
 
 import numpy as np
-from scipy import ndimage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data_util.image_io import ImageError, load_image  # noqa: E402
-from data_util.preprocess import Grid, grid_points, orientation_matrix, world_to_voxel  # noqa: E402
+from data_util import icbm  # noqa: E402
+from data_util.icbm import LABELS, KnownField, KnownTransform, template_box  # noqa: E402
+from data_util.image_io import ImageError  # noqa: E402
+from data_util.preprocess import Grid, orientation_matrix  # noqa: E402
 
-FILES = {"t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-         "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-         "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"}
-LABELS = {1: "grey matter", 2: "white matter"}
+
+def load_template(args):
+    try:
+        return icbm.load_template(args.template_dir)
+    except ImageError as e:
+        sys.exit(f"icbm_smoke.py: error: {e}")
+
+
+def save(path, data, affine):
+    import nibabel as nib
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+
+
 
 
 def parse_args(argv=None):
@@ -61,75 +73,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def template_dir(given: str | None) -> str:
-    if given:
-        return given
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("icbm_smoke.py: error: nilearn is not installed (pip install --no-deps nilearn), "
-                 "or pass --template_dir")
-    return os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data")
-
-
-class KnownField:
-    """A smooth pull-back displacement ``d`` (mm) on world points: cubic B-spline interpolation of
-    seeded random control vectors on a lattice of ``spacing`` mm, scaled to ``magnitude`` mm max."""
-
-    def __init__(self, box, spacing: float, magnitude: float, seed: int):
-        self.origin = box[0] - spacing
-        n = np.ceil((box[1] - box[0]) / spacing).astype(int) + 3
-        self.spacing = spacing
-        rng = np.random.default_rng(seed)
-        self.coeffs = [ndimage.spline_filter(rng.normal(size=n), order=3) for _ in range(3)]
-        lattice = np.stack(np.meshgrid(*[np.linspace(0, k - 1, 4 * k) for k in n], indexing="ij"))
-        peak = np.sqrt(sum(ndimage.map_coordinates(c, lattice.reshape(3, -1), order=3, prefilter=False) ** 2
-                           for c in self.coeffs)).max()
-        self.scale = magnitude / peak
-
-    def __call__(self, world: np.ndarray) -> np.ndarray:
-        q = ((world.reshape(3, -1) - self.origin[:, None]) / self.spacing)
-        d = np.stack([ndimage.map_coordinates(c, q, order=3, mode="nearest", prefilter=False) for c in self.coeffs])
-        return (self.scale * d).reshape(world.shape)
-
-
-def save(path, data, affine):
-    import nibabel as nib
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, path)
-
-
-def load_template(args):
-    src = template_dir(args.template_dir)
-    try:
-        t1, gm, wm = (load_image(os.path.join(src, FILES[k])) for k in ("t1", "gm", "wm"))
-    except ImageError as e:
-        sys.exit(f"icbm_smoke.py: error: {e}")
-    labels = np.zeros(t1.shape, np.uint8)
-    labels[(gm.data >= 0.5) & (gm.data >= wm.data)] = 1
-    labels[(wm.data >= 0.5) & (wm.data > gm.data)] = 2
-    return t1, labels
-
-
-def template_box(t1) -> np.ndarray:
-    world_corners = np.array([t1.affine[:3, :3] @ c + t1.affine[:3, 3]
-                              for c in ([0, 0, 0], np.asarray(t1.shape) - 1)])
-    return np.stack([world_corners.min(0), world_corners.max(0)])
-
-
 def deformed(t1, labels, field, grid: Grid):
     """Template image and labels read through ``field`` on ``grid``: ``out(y) = template(y + d(y))``."""
-    image = np.empty(grid.shape, np.float32)
-    label = np.empty(grid.shape, np.uint8)
-    for k in range(grid.shape[2]):
-        world = grid_points(grid, k, k + 1)
-        src_vox = world_to_voxel(t1.affine, world + field(world)).reshape(3, -1)
-        image[..., k:k + 1] = ndimage.map_coordinates(t1.data, src_vox, order=1, mode="constant",
-                                                     cval=float(t1.data.min())).reshape(world.shape[1:])
-        label[..., k:k + 1] = ndimage.map_coordinates(labels, src_vox, order=0,
-                                                     mode="constant").reshape(world.shape[1:])
-    return image, label
+    return icbm.deformed(t1, labels, KnownTransform(field), grid)
 
 
 def make_inputs(args, folder: str) -> dict:

@@ -25,20 +25,39 @@ def correlation_loss(fixed: torch.Tensor, warped: torch.Tensor, eps: float = 1e-
     return 1.0 - cov / torch.sqrt(a.pow(2).mean(1) * b.pow(2).mean(1) + eps)
 
 
-def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Sum over a ``window^3`` box centred on every voxel (zeros outside), per channel; same shape.
+def _box_along(x: torch.Tensor, dim: int, window: int, replicate: bool) -> torch.Tensor:
+    """Sum of ``window`` neighbours along ``dim`` (centred), by a cumulative sum."""
+    r = window // 2
+    x = x.movedim(dim, -1)
+    if replicate:
+        x = torch.cat([x[..., :1].expand(*x.shape[:-1], r), x, x[..., -1:].expand(*x.shape[:-1], r)], dim=-1)
+    else:
+        x = F.pad(x, (r, r))
+    c = F.pad(x, (1, 0)).cumsum(-1)
+    return (c[..., window:] - c[..., :-window]).movedim(-1, dim)
 
-    Separable: three 1-D average pools, ``3 * window`` operations per voxel instead of ``window^3``.
+
+def box_sum(x: torch.Tensor, window: int, padding: str = "zeros") -> torch.Tensor:
+    """Sum over a ``window^3`` box centred on every voxel, per channel; same shape. ``padding``:
+    ``zeros`` (outside counts 0) or ``replicate`` (edge values repeat).
+
+    Separable, one cumulative sum per axis: a few operations per voxel whatever the window.
     """
-    pad = window // 2
-    for kernel, padding in (((window, 1, 1), (0, 0, 0, 0, pad, pad)), ((1, window, 1), (0, 0, pad, pad, 0, 0)),
-                            ((1, 1, window), (pad, pad, 0, 0, 0, 0))):
-        x = F.avg_pool3d(F.pad(x, padding), kernel, stride=1)
-    return x * float(window ** 3)
+    if window % 2 != 1 or window < 1:
+        raise ValueError(f"box window must be odd and positive, got {window}")
+    if padding not in ("zeros", "replicate"):
+        raise ValueError(f"box padding must be zeros or replicate, got {padding!r}")
+    if window == 1:
+        return x
+    for dim in (2, 3, 4):
+        x = _box_along(x, dim, window, padding == "replicate")
+    return x
 
 
-def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
-    """``1 - mean local squared correlation`` in a ``window^3`` box; ``(B,)``. Images ``(B, 1, X, Y, Z)``."""
+def local_squared_correlation(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9,
+                              eps: float = 1e-5) -> torch.Tensor:
+    """Squared correlation of the two images in a ``window^3`` box around every voxel (zero
+    padding), ``(B, 1, X, Y, Z)`` in [0, 1]. Images ``(B, 1, X, Y, Z)``."""
     if window % 2 != 1:
         raise ValueError("LNCC window must be odd")
     n = float(window ** 3)
@@ -48,8 +67,12 @@ def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: f
     cross = s_ij - s_i * s_j / n
     var_i = (s_ii - s_i * s_i / n).clamp_min(0)
     var_j = (s_jj - s_j * s_j / n).clamp_min(0)
-    cc = cross * cross / (var_i * var_j + eps)
-    return 1.0 - _flat(cc).mean(1)
+    return cross * cross / (var_i * var_j + eps)
+
+
+def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - mean local squared correlation`` in a ``window^3`` box; ``(B,)``. Images ``(B, 1, X, Y, Z)``."""
+    return 1.0 - _flat(local_squared_correlation(fixed, warped, window, eps)).mean(1)
 
 
 def mse_loss(fixed: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:

@@ -151,3 +151,21 @@ def test_eval_from_another_folder_finds_training_dataset(trained, tmp_path):
              "--limit", "1", "--workers", "0", "--name", "elsewhere"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "evaluate" / "elsewhere" / "elsewhere.json").read_text())["info"]["n_pairs"] == 1
+
+
+def test_eval_refine_scores_network_plus_refinement(trained):
+    """``eval.py --refine``: every pair's network flow refined on the pair; named ``-refine<N>``,
+    the configuration in the info block, Dice not below the network's own on the same pairs."""
+    base = run([os.path.join(ROOT, "eval.py"), "-g", "-1", "--checkpoint", "weights/smoke:3", "--workers", "0",
+                "--name", "plain"], trained)
+    assert base.returncode == 0, base.stderr
+    r = run([os.path.join(ROOT, "eval.py"), "-g", "-1", "--checkpoint", "weights/smoke:3", "--workers", "0",
+             "--refine", "10"], trained)
+    assert r.returncode == 0, r.stderr
+    refined = json.loads((trained / "evaluate" / "smoke-3-2-refine10" / "smoke-3-2-refine10.json").read_text())
+    plain = json.loads((trained / "evaluate" / "plain" / "plain.json").read_text())
+    assert refined["info"]["refine"]["iters"] == [20, 10] and refined["info"]["refine"]["affine"] == "none"
+    assert refined["summary"]["dice"]["mean"] > plain["summary"]["dice"]["mean"]
+    bad = run([os.path.join(ROOT, "eval.py"), "-g", "-1", "--checkpoint", "weights/smoke", "--reg_weight", "1"],
+              trained)
+    assert bad.returncode == 2 and "--reg_weight needs --refine" in bad.stderr.strip().splitlines()[-1]

@@ -1,0 +1,349 @@
+"""Registration benchmark on real anatomy, against the peers that install here, in one run.
+
+``python experiments/icbm_benchmark.py [--pairs 4] [-c weights/<run>] [--methods ...] [--out evaluate/icbm_benchmark]``
+
+Data: the ICBM152 2009a T1 template from nilearn's wheel (``data_util/icbm.py``) on a 2 mm RAS grid
+(99x117x95) is the fixed image, with grey/white-matter labels from its probability maps. Each moving
+image is the template read through a known transform ``phi = A o (id + d)``: a smooth random field
+``d`` (cubic B-spline, control points every 40 mm, up to ``--magnitude`` mm) and a random affine
+``A`` (rotations up to 10 deg per axis, scales 0.9-1.1, shears up to 0.05, shifts up to 10 mm),
+then a scanner change (smooth bias field, gamma contrast, Gaussian noise). Seeds ``0..pairs-1``.
+
+Every method returns, for each fixed voxel ``x``, the moving-image point it reads (``y(x)``, world
+mm). Scores: GM/WM Dice of the moving labels resampled through ``y`` (nearest), the true
+displacement error ``|y(x) - phi^-1(x)|`` (mm, mean over the brain), folding (% of the brain
+with det J <= 0) and seconds per pair (the registration itself: the peers' call; ours: register.py's
+preprocess + refine/network + outputs stages, its own report; also the whole command's wall time).
+
+Methods: ``identity``; ``refine`` (``register.py --refine``, no model); with ``-c``: ``network``,
+``network+refine`` (the network's flow carried to the 2 mm grid, ``--refine_spacing 2``, and refined
+there) and ``affine+network+refine`` (``--affine
+affine``: our affine stage, the network on the aligned pair, then refinement, all on the model grid); peers when installed (``pip install -r requirements-peers.txt``):
+``ants-affine``, ``ants-syn`` (antspyx ``Affine`` / ``SyN``), ``sitk-bspline`` (SimpleITK: affine,
+then a B-spline on an 8^3 mesh at 1/4 and 1/2 resolution, Mattes MI, 10 % random samples), ``convexadam`` (MIND + convex + Adam, no affine stage). Peers use 2 threads
+(``--threads``) like ours.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from scipy import ndimage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data_util.icbm import KnownField, KnownTransform, change_intensities, deformed, load_template, \
+    random_affine, template_box  # noqa: E402
+from data_util.image_io import ImageError, load_image  # noqa: E402
+from data_util.preprocess import Grid, grid_points, world_to_voxel  # noqa: E402
+
+METHODS = ("identity", "refine", "network", "network+refine", "affine+network+refine", "ants-affine", "ants-syn",
+           "sitk-bspline", "convexadam")
+PEER_MODULES = {"ants-affine": "ants", "ants-syn": "ants", "sitk-bspline": "SimpleITK", "convexadam": "convexAdam"}
+SPACING = 2.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=4, help="test pairs (seeds 0..N-1)")
+    p.add_argument("-c", "--checkpoint", default=None, help="trained model for the network rows")
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                   help="methods to run (default: all that can run here)")
+    p.add_argument("--magnitude", type=float, default=8.0, help="largest displacement of the smooth field, mm")
+    p.add_argument("--refine_args", default="", help="extra register.py options for our rows, e.g. '--refine 40'")
+    p.add_argument("--out", default="evaluate/icbm_benchmark", help="work folder (inputs, outputs, results)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for every method")
+    p.add_argument("--template_dir", default=None, help="folder with the ICBM152 files (default: nilearn's)")
+    return p.parse_args(argv)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def benchmark_grid(t1) -> Grid:
+    box = template_box(t1)
+    shape = tuple(int(v) for v in np.floor((box[1] - box[0]) / SPACING) + 1)
+    affine = np.eye(4)
+    affine[:3, :3] = np.eye(3) * SPACING
+    affine[:3, 3] = box[0]
+    return Grid(shape, affine)
+
+
+def save(path, data, affine):
+    import nibabel as nib
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = path + ".tmp.nii.gz"
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+
+
+def make_pairs(args) -> tuple:
+    """Writes fixed / moving NIfTIs; returns ``(grid, fixed labels, [pair dict])``."""
+    t1, labels = load_template(args.template_dir)
+    grid = benchmark_grid(t1)
+    box = template_box(t1)
+    folder = os.path.join(args.out, "inputs")
+    os.makedirs(folder, exist_ok=True)
+    identity = KnownTransform(KnownField(box, 40.0, 0.0, 0))
+    fixed, fixed_labels = deformed(t1, labels, identity, grid)
+    paths = {"fixed": os.path.join(folder, "fixed.nii.gz"), "fixed_label": os.path.join(folder, "fixed_label.nii.gz")}
+    save(paths["fixed"], fixed, grid.affine)
+    save(paths["fixed_label"], fixed_labels, grid.affine)
+    pairs = []
+    for seed in range(args.pairs):
+        rng = np.random.default_rng(1000 + seed)
+        transform = KnownTransform(KnownField(box, 40.0, args.magnitude, seed),
+                                   random_affine(rng, (box[0] + box[1]) / 2, 10.0, 0.1, 0.05, 10.0))
+        moving, moving_labels = deformed(t1, labels, transform, grid)
+        moving = change_intensities(moving, rng)
+        pair = dict(paths, seed=seed, transform=transform, moving_labels=moving_labels,
+                    moving=os.path.join(folder, f"moving_{seed}.nii.gz"),
+                    moving_label=os.path.join(folder, f"moving_label_{seed}.nii.gz"))
+        save(pair["moving"], moving, grid.affine)
+        save(pair["moving_label"], moving_labels, grid.affine)
+        pairs.append(pair)
+    return grid, fixed_labels, pairs
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+
+def world_points(grid: Grid) -> np.ndarray:
+    return grid_points(grid, 0, grid.shape[2])
+
+
+def score(grid: Grid, fixed_labels, pair, y: np.ndarray) -> dict:
+    """``y``: ``(3, X, Y, Z)`` moving world points of every fixed voxel."""
+    from network.metrics import jacobian_determinant
+    import torch
+    vox = world_to_voxel(grid.affine, y)
+    warped = ndimage.map_coordinates(pair["moving_labels"], vox.reshape(3, -1), order=0, mode="constant")
+    warped = warped.reshape(grid.shape)
+    out = {}
+    for value, name in ((1, "gm"), (2, "wm")):
+        a, b = fixed_labels == value, warped == value
+        out[f"dice_{name}"] = float(2 * (a & b).sum() / (a.sum() + b.sum()))
+    out["dice"] = (out["dice_gm"] + out["dice_wm"]) / 2
+    brain = fixed_labels > 0
+    x = world_points(grid)
+    truth = pair["transform"].inverse(x[:, brain])
+    out["error_mm"] = float(np.linalg.norm(y[:, brain] - truth, axis=0).mean())
+    flow = torch.from_numpy((vox - world_to_voxel(grid.affine, x)).astype(np.float32))[None]
+    det = jacobian_determinant(flow)[0].numpy()
+    out["folding_pct"] = float(100 * (det[brain[:-1, :-1, :-1]] <= 0).mean())
+    return out
+
+
+# ---- methods ------------------------------------------------------------------------------------
+
+def run_ours(args, pair, grid, name: str) -> tuple:
+    out = os.path.join(args.out, "outputs", f"{name}_{pair['seed']}")
+    cmd = [sys.executable, os.path.join(ROOT, "register.py"), "--fixed", pair["fixed"], "--moving", pair["moving"],
+           "-o", out, "--modality", "mri", "--threads", str(args.threads), "--no_figure"]
+    if "network" in name:
+        cmd += ["-c", args.checkpoint]
+    if name.endswith("refine"):
+        cmd += ["--refine"] + args.refine_args.split()
+    if name == "network+refine":
+        cmd += ["--refine_spacing", str(SPACING)]         # refine on the same 2 mm grid as refinement alone
+    if name.startswith("affine+"):
+        cmd += ["--affine", "affine"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+        report = json.load(f)
+    seconds = sum(v for k, v in report["seconds"].items() if k in ("preprocess", "network", "refine", "outputs"))
+    import nibabel as nib
+    d = np.asarray(nib.load(os.path.join(out, "displacement.nii.gz")).dataobj, dtype=np.float64).reshape(*grid.shape, 3)
+    y = world_points(grid) + np.moveaxis(d, -1, 0)
+    return y, seconds, wall
+
+
+def voxels_to_world(grid: Grid, vox: np.ndarray) -> np.ndarray:
+    return (grid.affine[:3, :3] @ vox.reshape(3, -1) + grid.affine[:3, 3:4]).reshape(vox.shape)
+
+
+def run_ants(args, pair, grid, kind: str) -> tuple:
+    import ants
+    fixed, moving = ants.image_read(pair["fixed"]), ants.image_read(pair["moving"])
+    t0 = time.perf_counter()
+    reg = ants.registration(fixed, moving, type_of_transform=kind)
+    seconds = time.perf_counter() - t0
+    # the transforms composed into one displacement field on the fixed grid (LPS mm), defined
+    # everywhere, also where the moving field of view ends
+    folder = os.path.join(args.out, "outputs")
+    os.makedirs(folder, exist_ok=True)
+    composed = ants.apply_transforms(fixed, moving, reg["fwdtransforms"],
+                                     compose=os.path.join(folder, f"ants_{kind}_{pair['seed']}_"))
+    d = ants.image_read(composed).numpy() * np.array([-1.0, -1.0, 1.0])       # LPS -> RAS
+    return world_points(grid) + np.moveaxis(d, -1, 0), seconds, seconds
+
+
+def run_sitk_bspline(args, pair, grid) -> tuple:
+    import SimpleITK as sitk
+    fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
+    moving = sitk.ReadImage(pair["moving"], sitk.sitkFloat32)
+    t0 = time.perf_counter()
+
+    def method(transform, iterations, shrink, sigmas):
+        r = sitk.ImageRegistrationMethod()
+        r.SetMetricAsMattesMutualInformation(32)
+        r.SetMetricSamplingStrategy(r.RANDOM)
+        r.SetMetricSamplingPercentage(0.1, seed=1)
+        r.SetInterpolator(sitk.sitkLinear)
+        r.SetShrinkFactorsPerLevel(shrink)
+        r.SetSmoothingSigmasPerLevel(sigmas)
+        r.SetInitialTransform(transform, inPlace=True)
+        return r, iterations
+
+    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    r, it = method(init, 100, [4, 2, 1], [2, 1, 0])
+    r.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-4, it)
+    r.SetOptimizerScalesFromPhysicalShift()
+    affine = r.Execute(fixed, moving)
+    bspline = sitk.BSplineTransformInitializer(fixed, [8, 8, 8])
+    r, it = method(bspline, 50, [4, 2], [2, 1])         # a full-resolution level costs ~6 min per pair here
+    r.SetMovingInitialTransform(affine)
+    r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=it)
+    r.Execute(fixed, moving)
+    total = sitk.CompositeTransform([affine, bspline])
+    seconds = time.perf_counter() - t0
+    field = sitk.TransformToDisplacementField(total, sitk.sitkVectorFloat64, fixed.GetSize(), fixed.GetOrigin(),
+                                              fixed.GetSpacing(), fixed.GetDirection())
+    d = sitk.GetArrayFromImage(field).transpose(2, 1, 0, 3) * np.array([-1.0, -1.0, 1.0])   # LPS -> RAS
+    return world_points(grid) + np.moveaxis(d, -1, 0), seconds, seconds
+
+
+def run_convexadam(args, pair, grid) -> tuple:
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+    fixed = load_image(pair["fixed"]).data.astype(np.float32)
+    moving = load_image(pair["moving"]).data.astype(np.float32)
+    t0 = time.perf_counter()
+    disp = convex_adam_pt(fixed, moving, dtype=torch.float32, device=torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    vox = world_to_voxel(grid.affine, world_points(grid)) + np.moveaxis(np.asarray(disp, np.float64), -1, 0)
+    return voxels_to_world(grid, vox), seconds, seconds
+
+
+def run_method(args, name, pair, grid) -> tuple:
+    if name == "identity":
+        return world_points(grid), 0.0, 0.0
+    if name in ("refine", "network", "network+refine", "affine+network+refine"):
+        return run_ours(args, pair, grid, name)
+    if name == "ants-affine":
+        return run_ants(args, pair, grid, "Affine")
+    if name == "ants-syn":
+        return run_ants(args, pair, grid, "SyN")
+    if name == "sitk-bspline":
+        return run_sitk_bspline(args, pair, grid)
+    return run_convexadam(args, pair, grid)
+
+
+def available_methods(args) -> list:
+    chosen = list(args.methods or METHODS)
+    out = []
+    for name in chosen:
+        if "network" in name and not args.checkpoint:
+            if args.methods:
+                sys.exit(f"icbm_benchmark.py: error: --methods {name} needs -c CHECKPOINT")
+            continue
+        module = PEER_MODULES.get(name)
+        if module and importlib.util.find_spec(module) is None:
+            print(f"skipping {name}: {module} is not installed (pip install -r requirements-peers.txt)")
+            continue
+        out.append(name)
+    return out
+
+
+# ---- summary ------------------------------------------------------------------------------------
+
+def summarise(rows: list, methods: list) -> dict:
+    summary = {}
+    for name in methods:
+        mine = [r for r in rows if r["method"] == name]
+        summary[name] = {k: float(np.mean([r[k] for r in mine])) for k in
+                         ("dice", "dice_gm", "dice_wm", "error_mm", "folding_pct")}
+        summary[name]["seconds"] = float(np.median([r["seconds"] for r in mine]))
+        summary[name]["wall_seconds"] = float(np.median([r["wall_seconds"] for r in mine]))
+        summary[name]["dice_sem"] = float(np.std([r["dice"] for r in mine], ddof=1) / np.sqrt(len(mine))) \
+            if len(mine) > 1 else float("nan")
+    return summary
+
+
+def paired(rows, a: str, b: str) -> dict | None:
+    """Per-pair Dice difference ``a - b``: mean, standard error, pairs where ``a`` is better."""
+    da = {r["seed"]: r["dice"] for r in rows if r["method"] == a}
+    db = {r["seed"]: r["dice"] for r in rows if r["method"] == b}
+    seeds = sorted(set(da) & set(db))
+    if not seeds:
+        return None
+    diff = np.array([da[s] - db[s] for s in seeds])
+    sem = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return {"a": a, "b": b, "mean": float(diff.mean()), "sem": sem, "better": int((diff > 0).sum()), "n": len(diff)}
+
+
+def render(summary: dict, comparisons: list, args) -> str:
+    lines = [f"ICBM152 at 2 mm, {args.pairs} pairs (random affine + smooth field up to {args.magnitude:g} mm, "
+             f"bias/gamma/noise), {args.threads} threads",
+             "", "| method | Dice | GM | WM | error mm | folding % | s / pair | wall s |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['dice']:.4f} ± {s['dice_sem']:.4f} | {s['dice_gm']:.4f} | {s['dice_wm']:.4f} | "
+                     f"{s['error_mm']:.3f} | {s['folding_pct']:.4f} | {s['seconds']:.2f} | {s['wall_seconds']:.2f} |")
+    if comparisons:
+        lines += ["", "| paired Dice difference | mean | sem | pairs better |", "|---|---|---|---|"]
+        for c in comparisons:
+            lines.append(f"| {c['a']} - {c['b']} | {c['mean']:+.4f} | {c['sem']:.4f} | {c['better']}/{c['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+    torch.set_num_threads(args.threads)
+    methods = available_methods(args)
+    try:
+        grid, fixed_labels, pairs = make_pairs(args)
+    except ImageError as e:
+        sys.exit(f"icbm_benchmark.py: error: {e}")
+    rows = []
+    for pair in pairs:
+        for name in methods:
+            y, seconds, wall = run_method(args, name, pair, grid)
+            row = {"method": name, "seed": pair["seed"], "seconds": seconds, "wall_seconds": wall,
+                   **score(grid, fixed_labels, pair, y)}
+            rows.append(row)
+            print(f"pair {pair['seed']} {name:15s} Dice {row['dice']:.4f} (GM {row['dice_gm']:.4f}, WM "
+                  f"{row['dice_wm']:.4f}) error {row['error_mm']:.3f} mm folding {row['folding_pct']:.4f}% "
+                  f"{seconds:.2f} s (wall {wall:.2f} s)", flush=True)
+    summary = summarise(rows, methods)
+    comparisons = [c for c in (paired(rows, "refine", "ants-syn"), paired(rows, "network+refine", "network"),
+                               paired(rows, "refine", "ants-affine")) if c]
+    text = render(summary, comparisons, args)
+    print("\n" + text)
+    result = {"args": {k: v for k, v in vars(args).items()}, "rows": rows, "summary": summary,
+              "comparisons": comparisons}
+    for name, content in (("results.json", json.dumps(result, indent=2) + "\n"), ("results.md", text)):
+        path = os.path.join(args.out, name)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(content)
+        os.replace(path + ".tmp", path)
+    print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
