@@ -7,7 +7,8 @@
 affine (rigid, then 12-dof), then deformable instance optimisation (``network/refine.py``) on a grid
 of ``--spacing`` mm (default 2) covering the fixed image. With ``-c``, ``--refine`` starts from the
 network's flow (``--refine_from affine``: from its affine stem's output) and refines it on the model
-grid. ``N``: Adam iterations at the finest level (coarser levels get twice as many).
+grid, or on a finer one (``--refine_spacing``); ``--affine affine`` aligns the pair first and runs the
+network on it. ``N``: Adam iterations at the finest level (each coarser level gets twice as many).
 
 ``F`` / ``M``: ``.nii`` / ``.nii.gz`` files or DICOM series folders, any orientation, spacing and size.
 Both are resampled in world coordinates onto the model grid (``--orientation``, default LPS; the
