@@ -54,20 +54,32 @@ def box_sum(x: torch.Tensor, window: int, padding: str = "zeros") -> torch.Tenso
     return x
 
 
+class LocalSquaredCorrelation:
+    """Squared correlation with one fixed image in a ``window^3`` box around every voxel (zero
+    padding): ``LocalSquaredCorrelation(fixed, window)(warped)`` is ``(B, 1, X, Y, Z)`` in [0, 1].
+    The fixed image's box sums are computed once, for repeated calls (instance optimisation)."""
+
+    def __init__(self, fixed: torch.Tensor, window: int = 9, eps: float = 1e-5):
+        if window % 2 != 1:
+            raise ValueError("LNCC window must be odd")
+        self.fixed, self.window, self.eps, self.n = fixed, window, eps, float(window ** 3)
+        # separable box filter (a cumulative sum per axis, zero padding)
+        s_i, s_ii = box_sum(torch.cat([fixed, fixed * fixed], dim=1), window).split(1, dim=1)
+        self.s_i, self.var_i = s_i, (s_ii - s_i * s_i / self.n).clamp_min(0)
+
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        stacked = torch.cat([warped, warped * warped, self.fixed * warped], dim=1)
+        s_j, s_jj, s_ij = box_sum(stacked, self.window).split(1, dim=1)
+        cross = s_ij - self.s_i * s_j / self.n
+        var_j = (s_jj - s_j * s_j / self.n).clamp_min(0)
+        return cross * cross / (self.var_i * var_j + self.eps)
+
+
 def local_squared_correlation(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9,
                               eps: float = 1e-5) -> torch.Tensor:
     """Squared correlation of the two images in a ``window^3`` box around every voxel (zero
     padding), ``(B, 1, X, Y, Z)`` in [0, 1]. Images ``(B, 1, X, Y, Z)``."""
-    if window % 2 != 1:
-        raise ValueError("LNCC window must be odd")
-    n = float(window ** 3)
-    # the five window sums in one separable box filter (3 x 1-D average pools, zero padding)
-    stacked = torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], dim=1)
-    s_i, s_j, s_ii, s_jj, s_ij = (box_sum(stacked, window)).split(1, dim=1)
-    cross = s_ij - s_i * s_j / n
-    var_i = (s_ii - s_i * s_i / n).clamp_min(0)
-    var_j = (s_jj - s_j * s_j / n).clamp_min(0)
-    return cross * cross / (var_i * var_j + eps)
+    return LocalSquaredCorrelation(fixed, window, eps)(warped)
 
 
 def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import compose_flows, identity_grid, warp
-from .losses import box_sum, local_squared_correlation
+from .losses import LocalSquaredCorrelation, box_sum
 
 SIMILARITIES = ("lncc", "mind", "ncc", "mse")
 AFFINE_MODES = ("none", "rigid", "affine")
@@ -151,11 +151,6 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float
     return torch.exp(-dist / var)
 
 
-def lncc_map(fixed: torch.Tensor, warped: torch.Tensor, window: int) -> torch.Tensor:
-    """``1 - local squared correlation`` per voxel ``(B, 1, ...)`` (zero-padded ``window^3`` boxes)."""
-    return 1.0 - local_squared_correlation(fixed, warped, window)
-
-
 def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``1 - Pearson correlation`` over the (masked) voxels; scalar."""
     w = torch.ones_like(fixed) if mask is None else mask.expand_as(fixed)
@@ -194,20 +189,14 @@ class Similarity:
 
 
 class _LocalCorrelation:
-    """``1 - local squared correlation`` against one fixed image, its box sums computed once; the
-    same value as :func:`lncc_map` averaged (masked)."""
+    """``1 - local squared correlation`` against one fixed image (its box sums computed once),
+    averaged over the (masked) voxels."""
 
-    def __init__(self, fixed: torch.Tensor, window: int, mask: torch.Tensor | None, eps: float = 1e-5):
-        self.fixed, self.window, self.mask, self.eps = fixed, window, mask, eps
-        self.n = float(window ** 3)
-        s_i, s_ii = box_sum(torch.cat([fixed, fixed * fixed], 1), window).split(1, 1)
-        self.s_i, self.var_i = s_i, (s_ii - s_i * s_i / self.n).clamp_min(0)
+    def __init__(self, fixed: torch.Tensor, window: int, mask: torch.Tensor | None):
+        self.correlation, self.mask = LocalSquaredCorrelation(fixed, window), mask
 
     def __call__(self, warped: torch.Tensor) -> torch.Tensor:
-        s_j, s_jj, s_ij = box_sum(torch.cat([warped, warped * warped, self.fixed * warped], 1), self.window).split(1, 1)
-        cross = s_ij - self.s_i * s_j / self.n
-        var_j = (s_jj - s_j * s_j / self.n).clamp_min(0)
-        return _weighted_mean(1.0 - cross * cross / (self.var_i * var_j + self.eps), self.mask)
+        return _weighted_mean(1.0 - self.correlation(warped), self.mask)
 
 
 # ---- grids and flows at several resolutions -------------------------------------------------------
@@ -264,8 +253,7 @@ def resize_flow(flow: torch.Tensor, shape) -> torch.Tensor:
         return flow
     scale = torch.tensor([(b - 1) / max(a - 1, 1) for a, b in zip(old, shape)], dtype=flow.dtype,
                          device=flow.device).view(1, 3, 1, 1, 1)
-    mode = "trilinear"
-    return F.interpolate(flow, size=shape, mode=mode, align_corners=True) * scale
+    return F.interpolate(flow, size=shape, mode="trilinear", align_corners=True) * scale
 
 
 def smooth_flow(flow: torch.Tensor, passes: int) -> torch.Tensor:
