@@ -1,6 +1,8 @@
 """Extract a trained teacher's deformations into a Teacher_deformations store (for ALDK / L2 distillation).
 
 ``python extract_teacher.py -c weights/<teacher>[:STEP] [-d dataset.json] [--split 1] [--limit N]``
+``python extract_teacher.py --oracle -d data/synthetic.json``: the generator's ground-truth flows instead
+(synthetic datasets of one shared anatomy), stored as ``Teacher_deformations/<dataset>/oracle.h5``.
 
 Runs the teacher over the (unaugmented) pairs of a split and stores each pair's final aggregated flow
 as float16 ``(3, X, Y, Z)`` under the key ``"<fixed id>-<moving id>"`` in one chunked, compressed HDF5
@@ -29,7 +31,9 @@ from network.cli import ArgumentParser, fail, nonneg_int, positive_int, resolve_
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__)
-    p.add_argument("-c", "--checkpoint", required=True, help="teacher: weights/<run>[:STEP] or a ckpt_<step>.pt file")
+    p.add_argument("-c", "--checkpoint", default=None, help="teacher: weights/<run>[:STEP] or a ckpt_<step>.pt file")
+    p.add_argument("--oracle", action="store_true", help="store the synthetic generator's ground-truth pair "
+                   "flows instead of a network's (needs -d, a dataset of data_util.synthetic --anatomy shared)")
     p.add_argument("-d", "--dataset", default=None, help="dataset JSON (default: the teacher's training dataset)")
     p.add_argument("--split", default="1", help="scheme whose pairs are extracted (default '1', training)")
     p.add_argument("--paired", action="store_true", help="adjacent entries are pairs (LSPIG)")
@@ -51,30 +55,51 @@ def default_store_path(dataset_json: str, checkpoint_path: str, step: int) -> st
     return os.path.join("Teacher_deformations", stem, f"{run}_{step}.h5")
 
 
+def open_teacher(args, device):
+    """``(teacher, dataset, pairs)``: a network checkpoint (``-c``) or the synthetic oracle (``--oracle``)."""
+    from data_util.synthetic import OracleTeacher
+
+    if args.oracle == bool(args.checkpoint):
+        fail("pass either -c weights/<teacher> or --oracle")
+    if args.oracle and args.dataset is None:
+        fail("--oracle needs -d path/to/synthetic.json")
+    try:
+        teacher = OnlineTeacher(args.checkpoint, device, rep=args.rep) if args.checkpoint else None
+        if args.dataset is None:
+            args.dataset = stored_dataset({"path": teacher.path, "train_args": teacher.train_args})
+        dataset = RCNDataset(args.dataset, paired=args.paired, splits=[args.split])
+        pairs = dataset.pairs(args.split)
+        if teacher is None:
+            teacher = OracleTeacher(dataset)
+    except (CheckpointError, DatasetError, SizeError, ValueError) as e:
+        fail(str(e))
+    if dataset.image_size is not None and tuple(dataset.image_size) != teacher.image_size:
+        fail(f"{args.dataset}: image size {tuple(dataset.image_size)} differs from the teacher's {teacher.image_size}")
+    return teacher, dataset, pairs
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.gpu)
-    try:
-        teacher = OnlineTeacher(args.checkpoint, device, rep=args.rep)
-        if args.dataset is None:
-            args.dataset = stored_dataset({"path": teacher.path, "train_args": teacher.train_args})
-        dataset = RCNDataset(args.dataset, paired=args.paired, splits=[args.split])
-        pairs = dataset.pairs(args.split)
-    except (CheckpointError, DatasetError, SizeError, ValueError) as e:
-        fail(str(e))
-    if dataset.image_size is not None and tuple(dataset.image_size) != teacher.image_size:
-        fail(f"{args.dataset}: image size {tuple(dataset.image_size)} differs from the teacher's {teacher.image_size}")
+    teacher, dataset, pairs = open_teacher(args, device)
     if args.limit is not None:
         if args.shuffle:
             order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed)).tolist()
             pairs = [pairs[i] for i in order]
         pairs = pairs[:args.limit]
-    out = args.out or default_store_path(args.dataset, teacher.path, teacher.step)
+    oracle = not isinstance(teacher, OnlineTeacher)
+    if args.out:
+        out = args.out
+    elif oracle:
+        out = os.path.join("Teacher_deformations", os.path.splitext(os.path.basename(args.dataset))[0], "oracle.h5")
+    else:
+        out = default_store_path(args.dataset, teacher.path, teacher.step)
     with open(dataset.json_path, encoding="utf-8") as f:
         dataset_config = json.load(f)
-    manifest = {"teacher": teacher.fingerprint(), "teacher_checkpoint": os.path.abspath(teacher.path),
+    manifest = {"teacher": teacher.fingerprint(),
+                "teacher_checkpoint": None if oracle else os.path.abspath(teacher.path),
                 "dataset": args.dataset, "dataset_abspath": dataset.json_path, "dataset_config": dataset_config,
                 "split": args.split, "paired": args.paired, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
@@ -82,13 +107,17 @@ def main(argv=None):
     except TeacherFlowError as e:
         fail(str(e))
     todo = [p for p in pairs if pair_key(scan_id(p[0]), scan_id(p[1])) not in writer]
-    print(f"teacher {teacher.path} (step {teacher.step}, {teacher.config.n_cascades} x {teacher.config.base_network}, "
-          f"preset {teacher.config.preset}); {len(pairs)} pairs of split '{args.split}', {len(pairs) - len(todo)} "
+    source = ("the generator's ground-truth flows" if oracle else f"teacher {teacher.path} (step {teacher.step}, "
+              f"{teacher.config.n_cascades} x {teacher.config.base_network}, preset {teacher.config.preset})")
+    print(f"{source}; {len(pairs)} pairs of split '{args.split}', {len(pairs) - len(todo)} "
           f"already stored, {len(todo)} to extract -> {out}")
     from tqdm import tqdm
     t0 = time.time()
     try:
-        if todo:
+        if todo and oracle:
+            for fixed, moving in tqdm(todo, dynamic_ncols=True, disable=None):
+                writer.write(pair_key(scan_id(fixed), scan_id(moving)), teacher.flow(fixed, moving))
+        elif todo:
             loader = make_loader(dataset, args.split, args.batch, pairs=todo, num_workers=args.workers)
             for batch in tqdm(loader, total=len(loader), dynamic_ncols=True, disable=None):
                 batch = to_device(batch, device)
@@ -102,7 +131,7 @@ def main(argv=None):
         writer.close()
         print(f"interrupted: {n} pairs kept in {out}.partial; run the same command again to resume")
         return 130
-    except (DatasetError, TeacherFlowError) as e:
+    except (DatasetError, TeacherFlowError, ValueError) as e:
         writer.close()
         fail(str(e))
     print(f"done: {len(todo)} pairs in {time.time() - t0:.1f} s; {out} holds {n} pairs "

@@ -28,11 +28,12 @@ from data_util.learn2reg import make_dataset_loader
 from data_util.teacher_flows import TeacherFlowError
 from network import (DEFORMABLE_NETWORKS, CheckpointError, DEFAULT_CHANNELS, DEFAULT_PRESET, PRESETS, ModelConfig,
                      RegistrationLoss, SizeError, build_model, count_parameters, load_checkpoint, save_checkpoint)
+from network.aldk import ALDK_VARIANTS
 from network.checkpoint import (RunLock, list_checkpoints, load_weights, prune_checkpoints, restore_rng_state,
                                 rng_state)
 from network.cli import (ArgumentParser, explicit_dests, fail, load_dataset, nonneg_float, nonneg_int,
                          positive_float, positive_int, resolve_device, run_name, stored_dataset, to_device,
-                         unit_float)
+                         unit_float, weight_or_auto)
 from network.losses import REGULARISERS, SIMILARITY
 from network.outputs import clean_stale_temps
 from network.training import (LazyWriter, Progress, distillation_step, forward_and_loss, learning_rate, log_step,
@@ -101,28 +102,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="similarity only where both input images are > 0 (the recipe's mask)")
     r.add_argument("--crop", type=positive_int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="Learn2Reg datasets: centre crop / zero pad to this size (default: the dataset JSON's)")
-    d = p.add_argument_group("distillation from a teacher (ALDK, network/aldk.py)")
-    d.add_argument("--aldk", action="store_true", help="adversarial distillation: critic on flows (WGAN-GP) "
-                   "+ adversarial term in the student loss (same as --distill aldk)")
+    d = p.add_argument_group("distillation from a teacher (network/aldk.py, docs/distillation.md)")
+    d.add_argument("--aldk", action="store_true", help="adversarial distillation (same as --distill aldk); "
+                   "recipe --aldk_variant")
     d.add_argument("--distill", choices=["aldk", "l2"], default=None,
-                   help="teacher term: aldk (adversarial) or l2 (flow regression baseline)")
+                   help="teacher term: aldk (adversarial) or l2 (end-point error to the teacher flow)")
+    d.add_argument("--aldk_variant", choices=sorted(ALDK_VARIANTS), default="stable",
+                   help="stable: critic that sees the pair, WGAN-GP lambda 10 at uniform mixtures, drift "
+                        "penalty, 2 critic steps, automatic weight; paper: LDR_ALDK's losses (gamma 0.3, "
+                        "beta-mixture penalty, lambda 0.1, squared score difference)")
     d.add_argument("--teacher", default=None, help="online teacher checkpoint weights/<run>[:STEP]: its flow is "
                    "computed under no_grad for the exact (augmented) pair the student sees")
     d.add_argument("--pretrained_flow_path", default="Teacher_deformations",
                    help="stored teacher flows: a store .h5, a published .pkl, or a folder of them; a folder "
                         "without flow files is searched for a subfolder named like the dataset JSON "
                         "(Teacher_deformations/Liver for datasets/liver.json). Stored flows turn augmentation off")
-    d.add_argument("--beta", type=unit_float, default=0.1, help="teacher weight of the gradient-penalty mixture")
-    d.add_argument("--gamma", type=unit_float, default=0.3, help="student loss = gamma*rec + (1-gamma)*distillation")
-    d.add_argument("--lamb", type=nonneg_float, default=0.1, help="gradient-penalty weight")
+    d.add_argument("--distill_weight", type=weight_or_auto, default=None, metavar="W|auto",
+                   help="student loss = rec + W*distillation; auto (default): W set every step so the "
+                        "distillation gradient on the flow is --distill_ratio times the reconstruction's")
+    d.add_argument("--distill_ratio", type=nonneg_float, default=0.1,
+                   help="automatic weight: target |d distill/d flow| / |d rec/d flow|")
+    d.add_argument("--distill_pool", type=positive_int, default=None,
+                   help="l2: end-point error of flows averaged over N^3 blocks (low-resolution teacher flow)")
+    d.add_argument("--distill_mask", choices=["none", "fixed"], default=None,
+                   help="l2: end-point error over the fixed image's foreground only (fixed) or everywhere (none)")
+    d.add_argument("--gamma", type=unit_float, default=None,
+                   help="LDR_ALDK weighting instead: loss = gamma*rec + (1-gamma)*distillation "
+                        "(default: the paper variant's 0.3; balanced otherwise)")
+    d.add_argument("--beta", type=unit_float, default=None,
+                   help="teacher weight of the beta penalty mixture (default 0.1)")
+    d.add_argument("--lamb", type=nonneg_float, default=None, help="gradient-penalty weight (stable 10, paper 0.1)")
+    d.add_argument("--drift", type=nonneg_float, default=None,
+                   help="critic drift penalty weight on mean D(teacher)^2 (stable 1e-3, paper 0)")
     d.add_argument("--aldk_learning_scheme", action="store_true",
-                   help="LDR_ALDK scheme: distillation term on every 3rd step of the first 8000, else gamma=1")
-    d.add_argument("--adv_loss", choices=["paper", "wgan"], default="paper",
-                   help="student adversarial term: paper ||D(s)-D(t)||^2, or wgan -D(s)")
-    d.add_argument("--gp_mix", choices=["beta", "uniform"], default="beta",
-                   help="penalty point: beta*teacher + (1-beta)*student, or a U(0,1) mixture per pair")
-    d.add_argument("--critic_steps", type=positive_int, default=1, help="critic updates per student step")
+                   help="LDR_ALDK scheme: distillation term on every 3rd step of the first 8000 only")
+    d.add_argument("--adv_loss", choices=["paper", "wgan"], default=None,
+                   help="student adversarial term: paper ||D(s)-D(t)||^2, or wgan -D(s) (stable: wgan)")
+    d.add_argument("--gp_mix", choices=["beta", "uniform"], default=None,
+                   help="penalty point: beta*teacher + (1-beta)*student, or a U(0,1) mixture per pair "
+                        "(stable: uniform, paper: beta)")
+    d.add_argument("--critic_steps", type=positive_int, default=None, help="critic updates per student step "
+                   "(stable 2, paper 1)")
     d.add_argument("--critic_lr", type=positive_float, default=1e-4, help="critic Adam learning rate")
+    d.add_argument("--critic_channels", type=positive_int, default=None, help="critic base width c (stable 8, paper 16)")
+    d.add_argument("--critic_kernel", type=positive_int, default=None, help="critic kernel size (stable 3, paper 5)")
     k = p.add_argument_group("run bookkeeping")
     k.add_argument("--keep", type=nonneg_int, default=5,
                    help="keep the N newest checkpoints plus the best validated one (0: keep all)")
@@ -159,10 +182,42 @@ def locate_teacher_flows(path: str, dataset_json: str) -> str:
     return os.path.join(path, match[0]) if match else path
 
 
+def distill_config(args, mode: str):
+    """The :class:`~network.aldk.DistillConfig` of the flags: the recipe of ``mode`` / ``--aldk_variant``
+    with every distillation flag the user set on top (printed)."""
+    from network.aldk import DistillConfig
+
+    config = DistillConfig.recipe(
+        mode, args.aldk_variant, gamma=args.gamma, weight=args.distill_weight, ratio=args.distill_ratio,
+        pool=args.distill_pool, mask=args.distill_mask,
+        beta=args.beta, lamb=args.lamb, drift=args.drift, adv_loss=args.adv_loss, gp_mix=args.gp_mix,
+        critic_steps=args.critic_steps, critic_lr=args.critic_lr, critic_channels=args.critic_channels,
+        critic_kernel=args.critic_kernel, learning_scheme=args.aldk_learning_scheme)
+    if config.balanced:
+        weight = "automatic (ratio %g)" % config.ratio if config.weight is None else "%g" % config.weight
+        loss = f"rec + w*{mode} with w {weight}"
+    else:
+        loss = f"{config.gamma:g}*rec + {1 - config.gamma:g}*{mode}"
+    if mode == "aldk":
+        mix = f"beta {config.beta:g}" if config.gp_mix == "beta" else "uniform"
+        critic = (f"{'conditional' if config.conditional else 'flow-only'} critic (c={config.critic_channels}, "
+                  f"{config.critic_kernel}^3), "
+                  f"penalty {config.lamb:g} at {mix} mixtures, drift {config.drift:g}, {config.critic_steps} "
+                  f"critic step(s) at lr {config.critic_lr:g}, adversarial term {config.adv_loss}; ")
+        if args.beta is not None and config.gp_mix != "beta":
+            print(f"note: --beta {args.beta:g} applies to --gp_mix beta; this recipe mixes uniformly")
+        print(f"aldk recipe '{config.variant}': {critic}loss {loss}")
+    else:
+        pooled = f" of {config.pool}^3-averaged flows" if config.pool > 1 else ""
+        pooled += " over the fixed image's foreground" if config.mask == "fixed" else ""
+        print(f"l2 distillation (end-point error{pooled}): loss {loss}")
+    return config
+
+
 def setup_distillation(args, dataset, image_size, device):
     """``(distiller, online_teacher, teacher_flows, pairs)`` for ``--aldk`` / ``--distill``, or Nones."""
     from data_util.teacher_flows import TeacherFlows
-    from network.aldk import DistillConfig, Distiller, OnlineTeacher
+    from network.aldk import Distiller, OnlineTeacher
 
     if args.aldk and args.distill not in (None, "aldk"):
         fail(f"--aldk conflicts with --distill {args.distill}")
@@ -172,11 +227,9 @@ def setup_distillation(args, dataset, image_size, device):
             fail("--teacher needs --aldk or --distill l2")
         return None, None, None, None
     try:
-        config = DistillConfig(mode=mode, beta=args.beta, gamma=args.gamma, lamb=args.lamb, adv_loss=args.adv_loss,
-                               gp_mix=args.gp_mix, critic_steps=args.critic_steps, critic_lr=args.critic_lr,
-                               learning_scheme=args.aldk_learning_scheme)
+        config = distill_config(args, mode)
     except ValueError as e:
-        fail(str(e))
+        fail(f"distillation: {e}")
     distiller = Distiller(config, image_size, device)
     if args.teacher:
         try:
@@ -215,6 +268,8 @@ def resume_state(args, explicit, names):
     if not isinstance(stored, dict):
         fail(f"{state['path']}: 'train_args' is not a table of flags")
     overrides = restore_run_args(args, explicit, stored, config, names)
+    if stored and "aldk_variant" not in stored and "aldk_variant" not in explicit:
+        args.aldk_variant = "paper"         # runs from before the stable recipe distilled with the paper's losses
     if not stored:
         print(f"note: {state['path']} stores no run flags; using the command line's")
     for flag, old, new in overrides:

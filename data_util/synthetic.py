@@ -173,6 +173,39 @@ def true_pair_flow(fixed_deformation, moving_deformation, iterations: int = 20) 
     return sources.T.reshape(3, *shape) - grid
 
 
+class OracleTeacher:
+    """The generator's ground-truth pair flows as a teacher (``extract_teacher.py --oracle``).
+
+    For a dataset written by :func:`generate` with ``anatomy="shared"``: the flow of the pair
+    ``(fixed, moving)`` is :func:`true_pair_flow` of their stored ``deformation`` fields, the flow a
+    perfect registration predicts. It separates "does distillation work" from "is the teacher good".
+    """
+
+    def __init__(self, dataset):
+        with open(dataset.json_path, encoding="utf-8") as f:
+            meta = json.load(f).get("synthetic")
+        if not isinstance(meta, dict) or meta.get("anatomy") != "shared":
+            raise ValueError(f"{dataset.json_path}: the oracle teacher needs a synthetic dataset generated with "
+                             f"--anatomy shared (its JSON has no \"synthetic\": {{\"anatomy\": \"shared\"}} entry)")
+        self.dataset = dataset
+        self.image_size = tuple(int(s) for s in dataset.image_size)
+        self.meta = dict(meta)
+
+    def deformation(self, entry: str) -> np.ndarray:
+        path, key = self.dataset.locate(entry)
+        group = self.dataset._file(path).get(key)
+        if group is None or "deformation" not in group:
+            raise ValueError(f"{path}: entry '{entry}' has no stored 'deformation' (not written by the generator)")
+        return group["deformation"][()].astype(np.float32)
+
+    def flow(self, fixed_entry: str, moving_entry: str) -> np.ndarray:
+        """Ground-truth flow ``(3, X, Y, Z)`` float32 in voxels."""
+        return true_pair_flow(self.deformation(fixed_entry), self.deformation(moving_entry)).numpy()
+
+    def fingerprint(self) -> dict:
+        return {"oracle": "synthetic ground truth", "synthetic": self.meta, "image_size": list(self.image_size)}
+
+
 def generate(out_dir, size: int = 64, n_train: int = 16, n_val: int = 6, seed: int = 0,
              name: str = "synthetic", verbose: bool = False, anatomy: str = "shared",
              ffd_std: float | None = None) -> str:

@@ -91,6 +91,16 @@ nonneg_float = _checked(float, "a number", lambda v: v >= 0, ">= 0")
 unit_float = _checked(float, "a number", lambda v: 0.0 <= v <= 1.0, "between 0 and 1")
 
 
+def weight_or_auto(text: str):
+    """A loss weight ``>= 0``, or ``auto`` (returned as ``None``)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        return nonneg_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number >= 0 nor 'auto'") from None
+
+
 def run_name(text: str) -> str:
     """A run name for ``weights/<name>`` and ``logs/<name>``: one plain folder name."""
     if not _RUN_NAME.match(text or "") or text in (".", ".."):
@@ -156,7 +166,7 @@ def to_device(batch: dict, device) -> dict:
 
 
 __all__ = ["ArgumentParser", "HelpFormatter", "fail", "run", "positive_int", "nonneg_int", "finite_float", "positive_float", "nonneg_float",
-           "unit_float", "run_name", "explicit_dests", "resolve_device", "load_dataset", "stored_dataset",
+           "unit_float", "weight_or_auto", "run_name", "explicit_dests", "resolve_device", "load_dataset", "stored_dataset",
            "to_device"]
 
 

@@ -128,13 +128,15 @@ def forward_and_loss(model, loss_fn, batch: dict, symmetric: bool = False):
 
 
 def distillation_step(distiller, teacher, batch, student_flow, rec_loss, rec_comps, step):
-    """Critic update(s), then the student loss ``γ·rec + (1-γ)·distillation`` with all components."""
+    """Critic update(s), then the student loss (balanced ``rec + w·distill`` or ``γ·rec + (1-γ)·distill``)
+    with all components. The critic sees the pair ``(fixed, moving)`` as the student does."""
     teacher_flow = teacher(batch["voxel1"], batch["voxel2"]) if teacher is not None else batch["teacher_flow"]
+    images = (batch["voxel1"], batch["voxel2"])
     try:
-        critic_comps = distiller.critic_step(teacher_flow, student_flow)
+        critic_comps = distiller.critic_step(teacher_flow, student_flow, images)
+        loss, comps = distiller.student_loss(rec_loss, rec_comps, student_flow, teacher_flow, step, images)
     except FloatingPointError as e:
         fail(f"{e} at step {step} (pairs {list(batch['id1'])} / {list(batch['id2'])})")
-    loss, comps = distiller.student_loss(rec_loss, rec_comps, student_flow, teacher_flow, step)
     comps.update(critic_comps)
     return loss, comps
 
@@ -252,7 +254,7 @@ def log_step(writer, step: int, lr: float, comps: dict) -> None:
     writer.add_scalar("lr", lr, step)
 
 
-SHOWN = ("sim", "dice", "rec_sim", "adv", "l2", "wdist")
+SHOWN = ("sim", "dice", "rec_sim", "adv", "l2", "distill_weight", "wdist")
 
 
 def shown_components(comps: dict) -> dict:

@@ -50,6 +50,44 @@ def test_extraction_store_is_complete_with_a_manifest(extracted):
     assert manifest["dataset_config"]["schemes"]["1"] == {"synth-train": 1.0}
 
 
+def test_oracle_teacher_store_reproduces_the_true_flow_dice(workdir):
+    """``extract_teacher.py --oracle``: stored flows are the generator's true pair flows (float16), and
+    warping with them gives the true flow's Dice, far above the unregistered one."""
+    from data_util.synthetic import true_pair_flow
+    from network.metrics import segmentation_scores
+
+    # its own folder: Teacher_deformations/synthetic holds the network teacher's store in this module
+    r = run([os.path.join(ROOT, "extract_teacher.py"), "--oracle", "-d", "data/synthetic.json",
+             "--out", "oracle/oracle.h5"], workdir)
+    assert r.returncode == 0, r.stderr
+    store = workdir / "oracle" / "oracle.h5"
+    flows = TeacherFlows(str(store), (48, 48, 48))
+    assert len(flows) == TRAIN_PAIRS and flows.sources()[0][2]["teacher"]["oracle"] == "synthetic ground truth"
+    dataset = RCNDataset(str(workdir / "data" / "synthetic.json"))
+    fixed, moving = dataset.pairs("1")[1]
+    h5 = dataset._file(dataset.locate(fixed)[0])
+    u_f, u_m = (h5[dataset.locate(e)[1]]["deformation"][()] for e in (fixed, moving))
+    truth = true_pair_flow(u_f, u_m)
+    stored = torch.from_numpy(np.asarray(flows.get(f"{scan_id(fixed)}-{scan_id(moving)}"), dtype=np.float32))
+    torch.testing.assert_close(stored, truth, atol=0.02, rtol=1e-3)
+    seg = [torch.from_numpy(dataset.load(e)["segmentation"])[None, None] for e in (fixed, moving)]
+    values = list(dataset.segmentation_class_value.values())
+    dice_true, _ = segmentation_scores(seg[0], seg[1], truth[None], values)
+    dice_stored, _ = segmentation_scores(seg[0], seg[1], stored[None], values)
+    dice_before, _ = segmentation_scores(seg[0], seg[1], None, values)
+    assert abs(dice_stored.item() - dice_true.item()) < 2e-3
+    assert dice_true.item() > dice_before.item() + 0.1
+
+
+def test_oracle_teacher_refuses_a_dataset_without_known_flows(workdir, tmp_path):
+    generate(str(tmp_path / "data"), size=16, n_train=2, n_val=1, seed=0, anatomy="per-scan")
+    r = run([os.path.join(ROOT, "extract_teacher.py"), "--oracle", "-d", str(tmp_path / "data" / "synthetic.json")],
+            workdir)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "--anatomy shared" in r.stderr
+    r = run([os.path.join(ROOT, "extract_teacher.py"), "--oracle"], workdir)
+    assert r.returncode != 0 and "--oracle needs -d" in r.stderr
+
+
 def test_seed_command_runs_with_the_extracted_flows(extracted):
     r = run([os.path.join(ROOT, "train.py"), "-b", "LDR", "-n", "1", "-g", "-1", "--round", "20", "--epochs", "1",
              "--batch", "1", "--output", "s", "-d", "data/synthetic.json", "--aldk"], extracted.parents[2])

@@ -32,6 +32,8 @@ def work(tmp_path_factory):
     ("--gamma", "1.5", "between 0 and 1"), ("--reg_weight", "inf", "finite"), ("--keep", "-1", ">= 0"),
     ("--val_pairs", "0", ">= 1"), ("--seed", "x", "not an integer"), ("-n", "0", ">= 1"),
     ("--crop", "0", ">= 1"), ("--critic_lr", "0", "> 0"), ("--log_steps", "0", ">= 1"),
+    ("--distill_weight", "x", "nor 'auto'"), ("--distill_ratio", "-1", ">= 0"), ("--distill_pool", "0", ">= 1"),
+    ("--aldk_variant", "gan", "invalid choice"),
 ])
 def test_train_flag_values_are_checked(work, flag, value, needle):
     args = TRAIN[:2] + TRAIN[4:] if flag == "-n" else list(TRAIN)

@@ -21,7 +21,8 @@ from network.checkpoint import RunLock, list_checkpoints
 # after epoch 3 of 6 steps, so the resumed part crosses two lr changes.
 FLAGS = ["-b", "LDR", "-n", "1", "-g", "-1", "--preset", "plain", "--channels", "4", "--round", "6", "--epochs", "5",
          "--batch", "1", "--lr", "3e-4", "--save_steps", "2", "--val_steps", "10", "--val_pairs", "1",
-         "--workers", "0", "--log_steps", "2", "--aldk", "--gp_mix", "uniform", "--threads", "1", "--keep", "0"]
+         "--workers", "0", "--log_steps", "2", "--aldk", "--gp_mix", "uniform", "--distill_ratio", "0.4",
+         "--threads", "1", "--keep", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,12 @@ def test_kill_9_then_resume_continues_the_same_experiment(work, reference, kille
     # flags came back from the checkpoint (only --round was given, with its stored value)
     assert "resume override" not in log
     assert f"training steps {killed_at} -> 30, batch 1, lr 0.0003 (rcn)" in log
-    for key in ("batch", "lr", "aldk", "gp_mix", "save_steps", "teacher", "augment", "channels", "keep"):
+    for key in ("batch", "lr", "aldk", "gp_mix", "save_steps", "teacher", "augment", "channels", "keep",
+                "aldk_variant", "distill_ratio", "distill_weight", "lamb", "critic_steps", "critic_lr"):
         assert b["train_args"][key] == a["train_args"][key], key
+    assert b["train_args"]["distill_ratio"] == 0.4 and b["distill"]["config"] == a["distill"]["config"]
+    # the automatic weight's moving averages continue too
+    assert b["distill"]["balance"] == a["distill"]["balance"] and a["distill"]["balance"]["count"] == 30
     # the same weights, optimiser moments, critic and critic optimiser as the uninterrupted run
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
