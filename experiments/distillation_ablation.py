@@ -20,8 +20,8 @@ reuses every finished stage, so an interrupted ablation continues where it stopp
    same seed with its standard error, pairs better, folding, and "gap closed" =
    (student - plain) / (teacher - plain).
 
-Writes ``<work>/distillation_ablation.json`` / ``.md`` and the validation curves
-``<work>/distillation_curves.png``; ``--publish DIR`` copies the summary JSON and the PNG there.
+Writes ``<work>/<name>.json`` / ``.md`` and the validation curves ``<work>/<name>_curves.png``
+(``--name``, default ``distillation_ablation``); ``--publish DIR`` copies the JSON and the PNG there.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1000, help="student steps")
     p.add_argument("--lr", type=float, default=3e-4, help="teacher and student base lr")
     p.add_argument("--val_every", type=int, default=100, help="validation curve: every N steps on 8 pairs")
+    p.add_argument("--name", default="distillation_ablation", help="stem of the result files in --work")
     p.add_argument("--publish", default=None, help="copy the summary JSON and the curves PNG into this folder")
     return p.parse_args(argv)
 
@@ -286,15 +287,14 @@ def main(argv=None):
                                                      "fold_pct": statistics.fmean(v["fold"] for v in s.values())}
                                                  for t, s in teacher_scores.items()},
               "rows": rows, "summary": summary}
-    atomic_write_text(os.path.join(work, "distillation_ablation.md"), text + "\n")
-    atomic_write_text(os.path.join(work, "distillation_ablation.json"), json.dumps(result, indent=1))
-    png = os.path.join(work, "distillation_curves.png")
+    atomic_write_text(os.path.join(work, args.name + ".md"), text + "\n")
+    atomic_write_text(os.path.join(work, args.name + ".json"), json.dumps(result, indent=1))
+    png = os.path.join(work, args.name + "_curves.png")
     plot(curves, png)
     if args.publish:
         os.makedirs(args.publish, exist_ok=True)
-        shutil.copyfile(os.path.join(work, "distillation_ablation.json"),
-                        os.path.join(args.publish, "distillation_ablation.json"))
-        shutil.copyfile(png, os.path.join(args.publish, "distillation_curves.png"))
+        for path in (os.path.join(work, args.name + ".json"), png):
+            shutil.copyfile(path, os.path.join(args.publish, os.path.basename(path)))
     return 0
 
 
