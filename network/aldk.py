@@ -351,11 +351,6 @@ class Distiller:
             real = self._critic(teacher_flow.detach(), images)
         return ((fake - real) ** 2).sum()
 
-    def adversarial_loss(self, student_flow: torch.Tensor, teacher_flow: torch.Tensor,
-                         images: tuple | None = None) -> torch.Tensor:
-        """The ALDK term ``l_adv`` (see :meth:`distillation_term`)."""
-        return self.distillation_term(student_flow, teacher_flow, images)
-
     def student_loss(self, rec_loss: torch.Tensor, rec_comps: dict, student_flow: torch.Tensor,
                      teacher_flow: torch.Tensor, step: int, images: tuple | None = None) -> tuple:
         """The student's loss and its named components: ``rec``, ``l2`` or ``adv``, and ``gamma``
