@@ -203,6 +203,11 @@ def run_students(work, args, stores, teacher_scores) -> tuple:
     return rows, curves
 
 
+def mean_of(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
 def summarise(rows) -> list:
     """Across seeds, per (student, teacher, arm): mean of the seeds' values and which seeds pass 2 sem."""
     groups = {}
@@ -210,11 +215,9 @@ def summarise(rows) -> list:
         groups.setdefault((r["student"], r["teacher"], r["arm"]), []).append(r)
     out = []
     for (student, teacher, arm), rs in groups.items():
-        mean = lambda k: statistics.fmean(r[k] for r in rs if r.get(k) is not None) if any(  # noqa: E731
-            r.get(k) is not None for r in rs) else None
         out.append({"student": student, "teacher": teacher, "arm": arm, "seeds": [r["seed"] for r in rs],
-                    "dice": mean("dice"), "delta": mean("delta"), "gap_closed": mean("gap_closed"),
-                    "fold_pct": mean("fold_pct"), "better": [r["better"] for r in rs],
+                    **{k: mean_of(rs, k) for k in ("dice", "delta", "gap_closed", "fold_pct")},
+                    "better": [r["better"] for r in rs],
                     "seeds_above_2sem": sum(r["delta"] > 2 * r["sem"] for r in rs if arm != "plain")})
     return out
 
