@@ -8,7 +8,13 @@ affine (rigid, then 12-dof), then deformable instance optimisation (``network/re
 of ``--spacing`` mm (default 2) covering the fixed image. With ``-c``, ``--refine`` starts from the
 network's flow (``--refine_from affine``: from its affine stem's output) and refines it on the model
 grid, or on a finer one (``--refine_spacing``); ``--affine affine`` aligns the pair first and runs the
-network on it. ``N``: Adam iterations at the finest level (each coarser level gets twice as many).
+network on it. ``N``: Adam iterations at the finest level (each coarser level gets twice as many;
+``--refine 0``: the affine stage only).
+
+Models trained on roughly aligned pairs (the shipped ``weights/brain_mri_lite``) record the affine
+stage they expect (``register_affine``); ``--affine auto`` then runs it before the network, with or
+without ``--refine`` (``--affine none`` skips it). The intensity mapping also comes from the
+checkpoint (``input_normalisation``) unless ``--modality`` is given.
 
 ``F`` / ``M``: ``.nii`` / ``.nii.gz`` files or DICOM series folders, any orientation, spacing and size.
 Both are resampled in world coordinates onto the model grid (``--orientation``, default LPS; the
@@ -32,6 +38,7 @@ image's original grid with its header:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -53,14 +60,14 @@ from network.cli import ArgumentParser, explicit_dests, fail, positive_float, po
 from network.inference import prepare, register, set_threads, tune_allocator
 from network.outputs import OutputError, OutputSet, os_error_reason
 from network.refine import register_pair
-from network.refine_cli import add_refine_args, network_start, refine_arg_error, refine_config
+from network.refine_cli import add_refine_args, network_start, refine_arg_error, refine_config, stage_affine
 
 # every file register.py may write: an existing -o folder holding anything else is not replaced
 OUTPUT_NAMES = ("warped.nii.gz", "warped_label.nii.gz", "displacement.nii.gz", "displacement_itk.nii.gz",
                 "jacobian.nii.gz", "landmarks.csv",
                 "moving_landmarks_in_fixed.csv", "figure.png", "report.json")
 # a checkpoint's input_normalisation -> --modality
-TRAINED_MODALITIES = {"uint8": "uint8", "l2r": "l2r", "none": "none"}
+TRAINED_MODALITIES = {"uint8": "uint8", "l2r": "l2r", "none": "none", "mri": "mri", "ct": "ct"}
 
 
 def build_parser():
@@ -100,7 +107,8 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     args.explicit = explicit_dests(p, argv)
-    problem = preprocessing_arg_error(args) or refine_arg_error(args, args.explicit)
+    problem = preprocessing_arg_error(args) or refine_arg_error(args, args.explicit,
+                                                                affine_without_refine=args.checkpoint is not None)
     if problem:
         p.error(problem)
     if args.refine is None and "refine_spacing" in args.explicit:
@@ -111,9 +119,6 @@ def parse_args(argv=None):
         for flag in ("rep", "refine_from", "refine_spacing"):
             if flag in args.explicit:
                 p.error(f"--{flag} needs -c CHECKPOINT (without it, --spacing sets the grid)")
-    elif args.refine_spacing is not None and args.affine not in ("auto", "none"):
-        p.error("--refine_spacing carries the network's flow to a finer grid; it cannot follow --affine "
-                f"{args.affine} (the network then runs on the affinely aligned model grid)")
     return args
 
 
@@ -137,6 +142,13 @@ def load_model(args, device):
         raise CheckpointError(f"{where}: {str(e).splitlines()[0]}") from None
     load_weights(model, state)
     return prepare(model.to(device), channels_last=device.type == "cpu"), state
+
+
+def network_affine(state: dict) -> str:
+    """The affine stage the checkpoint's model was trained to follow (``none`` unless recorded:
+    models trained on roughly aligned pairs record ``register_affine``)."""
+    value = state.get("register_affine", "none")
+    return value if value in ("none", "rigid", "affine") else "none"
 
 
 def trained_normalisation(state: dict):
@@ -492,23 +504,32 @@ def refine_on_grid(args, model, prep: dict, inputs: dict, start, device, config)
 
 
 def run_refinement(args, model, prep: dict, inputs: dict, flow, device, config, source: str) -> tuple:
-    """``--refine``: returns ``(prep, flow, warped, report part)``; ``prep`` is the refinement grid's
-    (the model grid, or with ``--refine_spacing`` a finer one the network's flow is carried to)."""
+    """``--refine`` (or an affine stage before the network): returns ``(prep, flow, warped, report
+    part)``; ``prep`` is the refinement grid's (the model grid, or with ``--refine_spacing`` a finer
+    one the network's flow is carried to; with an affine stage, the affine and the network run on
+    the model grid first)."""
     try:
-        start = None
+        start, first = None, None
         if model is not None and config.affine == "none":
             start = network_start_flow(args, model, prep, flow, device)
-            if args.refine_spacing is not None:
-                box = label_box(inputs["fixed_label"], args.margin) if args.crop == "label" else None
-                grid = fov_grid(inputs["fixed"], args.refine_spacing, args.orientation, box=box)
-                start = carry_flow(start, prep["grid"], grid)
-                prep = preprocess(args, inputs, None, grid=grid)
-                print(f"refinement grid: {grid.shape} at {args.refine_spacing:.3f} mm")
+        elif model is not None and args.refine_spacing is not None:
+            aligned = dataclasses.replace(config, iters=tuple(0 for _ in config.iters))
+            start, _, first = refine_on_grid(args, model, prep, inputs, None, device, aligned)
+            config = dataclasses.replace(config, affine="none")
+        if start is not None and args.refine_spacing is not None:
+            box = label_box(inputs["fixed_label"], args.margin) if args.crop == "label" else None
+            grid = fov_grid(inputs["fixed"], args.refine_spacing, args.orientation, box=box)
+            start = carry_flow(start, prep["grid"], grid)
+            model_grid_prep, prep = prep, preprocess(args, inputs, None, grid=grid)
+            print(f"refinement grid: {grid.shape} at {args.refine_spacing:.3f} mm")
         flow, warped, result = refine_on_grid(args, model, prep, inputs, start, device, config)
         check_finite("refined flow", flow, source)
     except (ValueError, ImageError) as e:
         fail(f"{source}: {e}" if not isinstance(e, ImageError) else str(e))
-    return prep, flow, warped, refine_report(config, result, prep["grid"], prep["translation"])
+    report = refine_report(config, result, prep["grid"], prep["translation"])
+    if first is not None:
+        report["model_grid_stage"] = refine_report(aligned, first, model_grid_prep["grid"], model_grid_prep["translation"])
+    return prep, flow, warped, report
 
 
 def refine_report(config, result, grid: Grid, translation) -> dict:
@@ -569,7 +590,13 @@ def main(argv=None):
     lap("preprocess")
 
     flow = warped_model = None
-    config = refine_config(args, with_network=model is not None) if args.refine is not None else None
+    expects = network_affine(state) if state is not None else "none"
+    affine_first = model is not None and stage_affine(args, True, expects) != "none"
+    if affine_first and args.affine == "auto":
+        print(f"affine stage first: the model expects affinely aligned inputs ({state['path']} register_affine "
+              f"{expects!r}; --affine none skips it)")
+    config = (refine_config(args, with_network=model is not None, network_affine=expects)
+              if args.refine is not None or affine_first else None)
     if model is not None and (config is None or config.affine == "none"):     # else the network runs after the affine
         flow, warped_model = run_network(model, prep, device, args.rep)
         try:
@@ -578,10 +605,10 @@ def main(argv=None):
             fail(str(e))
         lap("network")
     refined = None
-    if args.refine is not None:
+    if config is not None:
         prep, flow, warped_model, refined = run_refinement(args, model, prep, inputs, flow, device, config, source)
         grid = prep["grid"]
-        lap("refine")
+        lap("refine" if args.refine is not None else "affine+network")
 
     disp = WorldDisplacement(flow, grid, prep["translation"])
     jac_model = disp.jacobian_determinant()

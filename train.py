@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dice_weight", type=nonneg_float, default=0.0,
                    help="weight of the soft Dice loss between warped one-hot moving labels and fixed labels "
                         "(the dataset's label values; 0/255 masks: 255)")
+    r.add_argument("--dice_downsample", type=positive_int, default=1, metavar="F",
+                   help="soft Dice on a grid F times coarser (labels and flow averaged over F^3 blocks): "
+                        "F^3 times cheaper with many labels")
     r.add_argument("--symmetric", action="store_true",
                    help="also register fixed to moving with the same network; losses of both directions averaged")
     r.add_argument("--deep_supervision", action="store_true",
@@ -320,7 +324,7 @@ def open_run_folder(args, state, weights_dir, logs_dir) -> RunLock:
 
 def input_normalisation(dataset) -> str:
     """How images were scaled for the network (``register.py`` uses the same mapping)."""
-    if getattr(dataset, "image_type", None) == "learn2reg":
+    if getattr(dataset, "image_type", None) in ("learn2reg", "synth"):
         return str(dataset.normalisation)
     return "uint8"
 
@@ -351,6 +355,8 @@ class Run:
 
     def checkpoint(self, step: int, val: dict | None = None) -> str:
         extra = {"n_params": self.n_params, "input_normalisation": input_normalisation(self.dataset),
+                 "register_affine": getattr(self.dataset, "register_affine", "none"),
+                 "commands": getattr(self, "commands", []),
                  "rng": rng_state({"augment": self.aug_gen}), "best": self.best}
         if val is not None:
             extra["val"] = {k: float(v) for k, v in val.items()}
@@ -388,7 +394,7 @@ def prepare_run(run: Run, state) -> None:
         fail(str(e))
     run.loss_fn = RegistrationLoss(similarity=args.sim, reg_weight=args.reg_weight, regulariser=args.regulariser,
                                    dice_weight=args.dice_weight, label_values=run.class_values or [255.0],
-                                   mask_overlap=args.mask_overlap)
+                                   mask_overlap=args.mask_overlap, dice_downsample=args.dice_downsample)
     run.batches = iter(run.train_loader)        # draws the loader's seed before the RNG is restored, as in a fresh run
     if state is not None and state.get("rng"):
         restore_rng_state(state["rng"], {"augment": run.aug_gen})
@@ -499,6 +505,7 @@ def train_loop(run: Run, stop: StopRequest) -> int:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, explicit = parse_args(argv)
     names = flag_names(build_parser())
     if args.threads > 0:
@@ -516,6 +523,7 @@ def main(argv=None):
         args.output = (os.path.basename(os.path.dirname(os.path.abspath(state["path"]))) if state is not None
                        else f"{time.strftime('%b%d-%H%M')}_{config.n_cascades}cas_{config.base_network}")
     run = Run(args, state, dataset, config, model, device)
+    run.commands = list((state or {}).get("commands") or []) + [shlex.join(["python", "train.py"] + argv)]
     if state is not None and run.start_step >= run.total_steps:
         fail(f"{state['path']}: the run is already at step {run.start_step} of its {run.total_steps} steps "
              f"(--epochs and --steps are totals); pass a larger --epochs or --steps to train further")

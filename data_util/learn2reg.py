@@ -64,6 +64,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_util.dataset import DatasetError, ListPairBatchSampler, RCNDataset, make_loader
 from data_util.image_io import ImageError, load_nifti, read_geometry
+from data_util.synth_labels import SynthDataset, is_synth_config, make_synth_loader
 
 FORMAT = "learn2reg"
 NORMALISATIONS = ("l2r", "uint8", "none")
@@ -888,19 +889,30 @@ def open_dataset(json_path, **kwargs):
     config = _read_json(path, "dataset config")
     if is_learn2reg_config(config):
         return Learn2RegDataset(path, **kwargs)
+    if is_synth_config(config):
+        if kwargs.get("crop") is not None or kwargs.get("paired"):
+            raise DatasetError(f"{path}: --crop / --paired do not apply to a generated (synth) dataset")
+        return SynthDataset(path, config)
     for key in ("crop", "normalisation"):
         if kwargs.pop(key, None) is not None:
             raise DatasetError(f"{path}: '{key}' applies to learn2reg datasets only, this is an RCN HDF5 config")
     if isinstance(config, dict) and config.get("format") not in (None, "rcn"):
         raise DatasetError(f"{path}: unknown dataset 'format' {config.get('format')!r} "
-                           f"(expected '{FORMAT}' or an RCN config)")
+                           f"(expected '{FORMAT}', 'synth' or an RCN config)")
     return RCNDataset(path, **kwargs)
 
 
 def make_dataset_loader(dataset, split, batch_size: int = 1, loop: bool = False, num_workers: int = 0,
                         seed: int = 0, limit: int | None = None, pairs=None, teacher_flows=None) -> DataLoader:
     """:func:`make_l2r_loader` for a :class:`Learn2RegDataset`, :func:`data_util.dataset.make_loader`
-    otherwise. Teacher flows are supported for RCN datasets only."""
+    otherwise (:func:`data_util.synth_labels.make_synth_loader` for generated datasets). Teacher
+    flows are supported for RCN datasets only."""
+    if isinstance(dataset, SynthDataset):
+        if teacher_flows is not None or pairs is not None:
+            raise DatasetError(f"{dataset.json_path}: stored teacher flows / pair lists do not apply to a "
+                               f"generated (synth) dataset")
+        return make_synth_loader(dataset, split, batch_size, loop=loop, num_workers=num_workers, seed=seed,
+                                 limit=limit)
     if isinstance(dataset, Learn2RegDataset):
         if teacher_flows is not None:
             raise DatasetError(f"{dataset.json_path}: teacher flows are only supported for RCN HDF5 datasets")

@@ -39,15 +39,15 @@ from scipy import ndimage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data_util.icbm import KnownField, KnownTransform, change_intensities, deformed, load_template, \
-    random_affine, template_box  # noqa: E402
+from data_util.icbm import IcbmPairs  # noqa: E402
 from data_util.image_io import ImageError, load_image  # noqa: E402
 from data_util.preprocess import Grid, grid_points, world_to_voxel  # noqa: E402
 
-METHODS = ("identity", "refine", "network", "network+refine", "affine+network+refine", "ants-affine", "ants-syn",
+METHODS = ("identity", "affine", "refine", "network", "network+refine", "affine+network+refine", "ants-affine", "ants-syn",
            "sitk-bspline", "convexadam")
 PEER_MODULES = {"ants-affine": "ants", "ants-syn": "ants", "sitk-bspline": "SimpleITK", "convexadam": "convexAdam"}
 SPACING = 2.0
+NETWORK_SECONDS: dict = {}     # (method, seed) -> seconds of the network itself (register.py's report)
 
 
 def parse_args(argv=None):
@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help="methods to run (default: all that can run here)")
     p.add_argument("--magnitude", type=float, default=8.0, help="largest displacement of the smooth field, mm")
+    p.add_argument("--contrast", choices=["same", "inverted"], default="same",
+                   help="moving image contrast: same (T1), or inverted (T2-like, a cross-contrast test)")
     p.add_argument("--refine_args", default="", help="extra register.py options for our rows, e.g. '--refine 40'")
     p.add_argument("--out", default="evaluate/icbm_benchmark", help="work folder (inputs, outputs, results)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every method")
@@ -66,51 +68,10 @@ def parse_args(argv=None):
 
 # ---- data ---------------------------------------------------------------------------------------
 
-def benchmark_grid(t1) -> Grid:
-    box = template_box(t1)
-    shape = tuple(int(v) for v in np.floor((box[1] - box[0]) / SPACING) + 1)
-    affine = np.eye(4)
-    affine[:3, :3] = np.eye(3) * SPACING
-    affine[:3, 3] = box[0]
-    return Grid(shape, affine)
-
-
-def save(path, data, affine):
-    import nibabel as nib
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    tmp = path + ".tmp.nii.gz"
-    nib.save(img, tmp)
-    os.replace(tmp, path)
-
-
 def make_pairs(args) -> tuple:
     """Writes fixed / moving NIfTIs; returns ``(grid, fixed labels, [pair dict])``."""
-    t1, labels = load_template(args.template_dir)
-    grid = benchmark_grid(t1)
-    box = template_box(t1)
-    folder = os.path.join(args.out, "inputs")
-    os.makedirs(folder, exist_ok=True)
-    identity = KnownTransform(KnownField(box, 40.0, 0.0, 0))
-    fixed, fixed_labels = deformed(t1, labels, identity, grid)
-    paths = {"fixed": os.path.join(folder, "fixed.nii.gz"), "fixed_label": os.path.join(folder, "fixed_label.nii.gz")}
-    save(paths["fixed"], fixed, grid.affine)
-    save(paths["fixed_label"], fixed_labels, grid.affine)
-    pairs = []
-    for seed in range(args.pairs):
-        rng = np.random.default_rng(1000 + seed)
-        transform = KnownTransform(KnownField(box, 40.0, args.magnitude, seed),
-                                   random_affine(rng, (box[0] + box[1]) / 2, 10.0, 0.1, 0.05, 10.0))
-        moving, moving_labels = deformed(t1, labels, transform, grid)
-        moving = change_intensities(moving, rng)
-        pair = dict(paths, seed=seed, transform=transform, moving_labels=moving_labels,
-                    moving=os.path.join(folder, f"moving_{seed}.nii.gz"),
-                    moving_label=os.path.join(folder, f"moving_label_{seed}.nii.gz"))
-        save(pair["moving"], moving, grid.affine)
-        save(pair["moving_label"], moving_labels, grid.affine)
-        pairs.append(pair)
-    return grid, fixed_labels, pairs
+    pairs = IcbmPairs(os.path.join(args.out, "inputs"), args.magnitude, args.contrast, args.template_dir, SPACING)
+    return pairs.grid, pairs.fixed_labels, [pairs.write(seed) for seed in range(args.pairs)]
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -151,6 +112,8 @@ def run_ours(args, pair, grid, name: str) -> tuple:
         cmd += ["-c", args.checkpoint]
     if name.endswith("refine"):
         cmd += ["--refine"] + args.refine_args.split()
+    if name == "affine":
+        cmd += ["--refine", "0"]
     if name == "network+refine":
         cmd += ["--refine_spacing", str(SPACING)]         # refine on the same 2 mm grid as refinement alone
     if name.startswith("affine+"):
@@ -162,7 +125,14 @@ def run_ours(args, pair, grid, name: str) -> tuple:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    seconds = sum(v for k, v in report["seconds"].items() if k in ("preprocess", "network", "refine", "outputs"))
+    seconds = sum(v for k, v in report["seconds"].items()
+                  if k in ("preprocess", "network", "affine+network", "refine", "outputs"))
+    refine = report.get("refine", {})
+    found = [report["seconds"].get("network"), refine.get("seconds", {}).get("network"),
+             refine.get("model_grid_stage", {}).get("seconds", {}).get("network")]
+    network_seconds = next((v for v in found if v is not None), None)
+    if network_seconds is not None:
+        NETWORK_SECONDS[(name, pair["seed"])] = float(network_seconds)
     import nibabel as nib
     d = np.asarray(nib.load(os.path.join(out, "displacement.nii.gz")).dataobj, dtype=np.float64).reshape(*grid.shape, 3)
     y = world_points(grid) + np.moveaxis(d, -1, 0)
@@ -240,7 +210,7 @@ def run_convexadam(args, pair, grid) -> tuple:
 def run_method(args, name, pair, grid) -> tuple:
     if name == "identity":
         return world_points(grid), 0.0, 0.0
-    if name in ("refine", "network", "network+refine", "affine+network+refine"):
+    if name in ("affine", "refine", "network", "network+refine", "affine+network+refine"):
         return run_ours(args, pair, grid, name)
     if name == "ants-affine":
         return run_ants(args, pair, grid, "Affine")
@@ -277,9 +247,15 @@ def summarise(rows: list, methods: list) -> dict:
                          ("dice", "dice_gm", "dice_wm", "error_mm", "folding_pct")}
         summary[name]["seconds"] = float(np.median([r["seconds"] for r in mine]))
         summary[name]["wall_seconds"] = float(np.median([r["wall_seconds"] for r in mine]))
+        network = [r["network_seconds"] for r in mine if r.get("network_seconds") is not None]
+        summary[name]["network_seconds"] = float(np.median(network)) if network else None
         summary[name]["dice_sem"] = float(np.std([r["dice"] for r in mine], ddof=1) / np.sqrt(len(mine))) \
             if len(mine) > 1 else float("nan")
     return summary
+
+
+COMPARISONS = (("affine", "ants-affine"), ("network", "affine"), ("network", "ants-affine"), ("network", "ants-syn"), ("network+refine", "ants-syn"),
+               ("network+refine", "network"), ("refine", "ants-syn"), ("refine", "ants-affine"))
 
 
 def paired(rows, a: str, b: str) -> dict | None:
@@ -296,11 +272,14 @@ def paired(rows, a: str, b: str) -> dict | None:
 
 def render(summary: dict, comparisons: list, args) -> str:
     lines = [f"ICBM152 at 2 mm, {args.pairs} pairs (random affine + smooth field up to {args.magnitude:g} mm, "
-             f"bias/gamma/noise), {args.threads} threads",
-             "", "| method | Dice | GM | WM | error mm | folding % | s / pair | wall s |", "|---|---|---|---|---|---|---|---|"]
+             f"bias/gamma/noise, {args.contrast} contrast), {args.threads} threads",
+             "", "| method | Dice | GM | WM | error mm | folding % | s / pair | network s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
+        net = "" if s.get("network_seconds") is None else f"{s['network_seconds']:.3f}"
         lines.append(f"| {name} | {s['dice']:.4f} ± {s['dice_sem']:.4f} | {s['dice_gm']:.4f} | {s['dice_wm']:.4f} | "
-                     f"{s['error_mm']:.3f} | {s['folding_pct']:.4f} | {s['seconds']:.2f} | {s['wall_seconds']:.2f} |")
+                     f"{s['error_mm']:.3f} | {s['folding_pct']:.4f} | {s['seconds']:.2f} | {net} | "
+                     f"{s['wall_seconds']:.2f} |")
     if comparisons:
         lines += ["", "| paired Dice difference | mean | sem | pairs better |", "|---|---|---|---|"]
         for c in comparisons:
@@ -324,14 +303,14 @@ def main(argv=None):
         for name in methods:
             y, seconds, wall = run_method(args, name, pair, grid)
             row = {"method": name, "seed": pair["seed"], "seconds": seconds, "wall_seconds": wall,
+                   "network_seconds": NETWORK_SECONDS.get((name, pair["seed"])),
                    **score(grid, fixed_labels, pair, y)}
             rows.append(row)
             print(f"pair {pair['seed']} {name:15s} Dice {row['dice']:.4f} (GM {row['dice_gm']:.4f}, WM "
                   f"{row['dice_wm']:.4f}) error {row['error_mm']:.3f} mm folding {row['folding_pct']:.4f}% "
                   f"{seconds:.2f} s (wall {wall:.2f} s)", flush=True)
     summary = summarise(rows, methods)
-    comparisons = [c for c in (paired(rows, "refine", "ants-syn"), paired(rows, "network+refine", "network"),
-                               paired(rows, "refine", "ants-affine")) if c]
+    comparisons = [c for c in (paired(rows, a, b) for a, b in COMPARISONS) if c]
     text = render(summary, comparisons, args)
     print("\n" + text)
     result = {"args": {k: v for k, v in vars(args).items()}, "rows": rows, "summary": summary,

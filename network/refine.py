@@ -46,8 +46,8 @@ class RefineConfig:
     similarity: str = "lncc"
     affine_similarity: str = ""
     affine: str = "affine"
-    affine_levels: tuple = (4,)
-    affine_iters: tuple = (30,)
+    affine_levels: tuple = (4, 2)
+    affine_iters: tuple = (30, 30)
     affine_lr: float = 0.01
     deformable: bool = True
     levels: tuple = (4, 2)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .cli import nonneg_float, positive_float, positive_int
+from .cli import nonneg_float, nonneg_int, positive_float, positive_int
 from .refine import SIMILARITIES, RefineConfig
 
 DEFAULTS = RefineConfig()
@@ -13,9 +13,9 @@ DEFAULT_SIMILARITY = DEFAULTS.similarity
 
 def add_refine_args(parser, network_optional: bool = True) -> None:
     g = parser.add_argument_group("instance optimisation (--refine)")
-    g.add_argument("--refine", nargs="?", type=positive_int, const=DEFAULT_ITERS, default=None, metavar="N",
+    g.add_argument("--refine", nargs="?", type=nonneg_int, const=DEFAULT_ITERS, default=None, metavar="N",
                    help=f"optimise the registration on this pair: N Adam steps at the finest level, twice as "
-                        f"many at each coarser one (N default {DEFAULT_ITERS})")
+                        f"many at each coarser one (N default {DEFAULT_ITERS}; 0: the affine stage only)")
     g.add_argument("--similarity", choices=("auto",) + SIMILARITIES, default="auto",
                    help=f"refinement similarity: lncc (local squared correlation, any contrast sign), mind "
                         f"(MIND-SSC descriptors, across scanners), ncc (global), mse (same-modality CT); "
@@ -48,26 +48,40 @@ REFINE_ONLY = ("similarity", "affine", "refine_from", "refine_levels", "affine_l
                "reg_weight", "refine_lr", "lncc_window", "diffeomorphic", "inverse_consistency")
 
 
-def refine_arg_error(args, explicit) -> str | None:
-    """One error line for refinement options that cannot work together (None when fine)."""
+AFFINE_STAGE = ("similarity", "affine", "affine_levels", "affine_iters")
+
+
+def refine_arg_error(args, explicit, affine_without_refine: bool = False) -> str | None:
+    """One error line for refinement options that cannot work together (None when fine).
+    ``affine_without_refine``: the affine-stage options may also be given without ``--refine`` (an
+    affine stage, then the network, as ``register.py -c`` runs it)."""
     if args.lncc_window % 2 != 1:
         return f"--lncc_window must be odd, got {args.lncc_window}"
     if args.refine_from == "affine" and args.affine not in ("auto", "none"):
         return "--refine_from affine starts from the network's affine stem; it cannot follow --affine " + args.affine
     if args.refine is None:
-        given = [f for f in REFINE_ONLY if f in explicit]
+        given = [f for f in REFINE_ONLY if f in explicit and not (affine_without_refine and f in AFFINE_STAGE)]
         if given:
             return f"--{given[0]} needs --refine"
     return None
 
 
-def refine_config(args, with_network: bool) -> RefineConfig:
-    """The :class:`RefineConfig` for parsed ``args`` (``with_network``: a checkpoint gives the start)."""
-    affine = args.affine
-    if affine == "auto":
-        affine = "none" if with_network else "affine"
+def stage_affine(args, with_network: bool, network_affine: str = "none") -> str:
+    """The affine stage ``--affine`` asks for: ``auto`` is ``network_affine`` (what the checkpoint's
+    model expects in front of it) with a network, else ``affine``."""
+    if args.affine != "auto":
+        return args.affine
+    return network_affine if with_network else "affine"
+
+
+def refine_config(args, with_network: bool, network_affine: str = "none") -> RefineConfig:
+    """The :class:`RefineConfig` for parsed ``args`` (``with_network``: a checkpoint gives the start;
+    ``network_affine``: the affine stage its model expects). Without ``--refine`` the deformable
+    stage gets no iterations (an affine stage and the network only)."""
+    affine = stage_affine(args, with_network, network_affine)
     levels = tuple(args.refine_levels)
-    iters = tuple(args.refine * 2 ** (len(levels) - 1 - k) for k in range(len(levels)))
+    steps = args.refine if args.refine is not None else 0
+    iters = tuple(steps * 2 ** (len(levels) - 1 - k) for k in range(len(levels)))
     similarity = DEFAULT_SIMILARITY if args.similarity == "auto" else args.similarity
     return RefineConfig(similarity=similarity, affine=affine, affine_levels=tuple(args.affine_levels),
                         affine_iters=(args.affine_iters,) * len(args.affine_levels), levels=levels, iters=iters,

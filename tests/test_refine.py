@@ -259,7 +259,7 @@ def test_itk_transform_applied_by_simpleitk_reproduces_warped(pair, tmp_path):
     (["--reg_weight", "0.5"], "--reg_weight needs --refine"),
     (["--refine", "--reg_weight", "-1"], "--reg_weight"),
     (["--refine", "--similarity", "ssd"], "--similarity"),
-    (["--refine", "0"], "--refine"),
+    (["--refine", "-1"], "--refine"),
     (["--refine", "--lncc_window", "4"], "--lncc_window must be odd"),
     (["--refine", "--fixed_mask", "EMPTY"], "the mask is empty"),
 ])

@@ -1,0 +1,159 @@
+"""Shipped models: the synth recipe trains at toy size from the manifest's own command, a run is
+published as weights/<name>/ with a manifest whose sha256 is checked, register.py runs the
+affine stage the model asks for, and the shipped brain model's manifest numbers are reproduced
+by eval.py."""
+import json
+import os
+import shlex
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from faults import ROOT, assert_clean_error, leftovers, run_script
+
+from network.checkpoint import load_checkpoint
+from network.pretrained import MANIFEST, verify
+
+SHIPPED = os.path.join(ROOT, "weights", "brain_mri_lite")
+TOY = {"format": "synth", "image_size": [32, 32, 32], "maps": {"shapes": 1.0}, "n_labels": 6, "parts": 2,
+       "seed": 1, "val_pairs": 2}
+
+
+def toy_command(command: str) -> list:
+    """The manifest's training command at toy size: the toy dataset, 3 steps, no validation."""
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train.py"], command
+    args, skip = [], False
+    for w in words[2:]:
+        if skip:
+            skip = False
+            continue
+        if w in ("-d", "--dataset", "--steps", "--round", "--val_steps", "--save_steps", "--output", "--workers"):
+            skip = True
+            continue
+        args.append(w)
+    return args + ["-d", "toy.json", "--steps", "3", "--round", "2", "--val_steps", "0", "--save_steps", "3",
+                   "--workers", "0", "--output", "toy"]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pretrained")
+    (d / "toy.json").write_text(json.dumps(TOY))
+    command = ("python train.py -b Lite -n 1 --preset lite -g -1 -d datasets/synth_brain.json --steps 7200 "
+               "--round 1800 --batch 1 --lr 3e-4 --sim lncc --dice_weight 1 --dice_downsample 2 --augment none "
+               "--val_steps 600 --val_pairs 8 --save_steps 300 --output synth_brain_lite --workers 1 --seed 0")
+    if os.path.isfile(os.path.join(SHIPPED, MANIFEST)):
+        command = json.load(open(os.path.join(SHIPPED, MANIFEST)))["recipe"]["command"]
+    r = run_script("train.py", *toy_command(command), cwd=d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("eval.py", "-c", "weights/toy", "--name", "toy", cwd=d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d
+
+
+def test_recipe_trains_at_toy_size_and_records_itself(toy_run):
+    state = load_checkpoint(str(toy_run / "weights" / "toy"))
+    assert state["step"] == 3
+    assert state["input_normalisation"] == "mri" and state["register_affine"] == "affine"
+    assert state["commands"] and state["commands"][0].startswith("python train.py ")
+    assert state["train_args"]["dice_weight"] == 1 and state["train_args"]["dice_downsample"] == 2
+
+
+def test_publish_writes_a_verified_set_and_the_table(toy_run):
+    (toy_run / "weights" / "README.md").write_text("Shipped models.\n")
+    r = _module("network.pretrained", "publish", "weights/toy", "--name", "toy_model",
+                "--eval", "evaluate/toy/toy.json", "--description", "toy shapes", cwd=toy_run)
+    assert r.returncode == 0, r.stderr
+    folder = toy_run / "weights" / "toy_model"
+    manifest = verify(str(folder))
+    assert sorted(os.listdir(folder)) == ["ckpt_3.pt", MANIFEST]
+    assert manifest["recipe"]["generator_seed"] == 1 and manifest["recipe"]["steps"] == 3
+    assert manifest["recipe"]["command"].startswith("python train.py ")
+    assert manifest["input"] == {"normalisation": "mri", "affine_stage": "affine", "grid": [32, 32, 32]}
+    evaluated = json.load(open(toy_run / "evaluate" / "toy" / "toy.json"))
+    assert manifest["validation"]["eval"]["dice"] == round(evaluated["summary"]["dice"]["mean"], 4)
+    shipped = torch.load(folder / "ckpt_3.pt", weights_only=True)
+    assert "optimizer" not in shipped and "rng" not in shipped
+    table = (toy_run / "weights" / "README.md").read_text()
+    assert table.startswith("Shipped models.") and "`toy_model`" in table and "toy shapes" in table
+    assert not leftovers(toy_run / "weights")
+    # a damaged file is refused in one line
+    data = bytearray((folder / "ckpt_3.pt").read_bytes())
+    data[-10] ^= 0xFF
+    (folder / "ckpt_3.pt").write_bytes(bytes(data))
+    r = _module("network.pretrained", "verify", "weights/toy_model", cwd=toy_run)
+    assert_clean_error(r, "ckpt_3.pt", "sha256")
+
+
+def _module(module, *args, cwd):
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _pair(folder):
+    rng = np.random.default_rng(0)
+    x = np.zeros((40, 40, 40), np.float32)
+    x[8:32, 10:30, 9:31] = 100 + 20 * rng.random((24, 20, 22))
+    x[14:26, 16:24, 15:25] = 200
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(x, affine), str(folder / "f.nii.gz"))
+    nib.save(nib.Nifti1Image(np.roll(x, 2, axis=0), affine), str(folder / "m.nii.gz"))
+
+
+def test_register_runs_the_affine_stage_the_model_expects(toy_run):
+    _pair(toy_run)
+    base = ["-c", "weights/toy", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--no_figure", "--affine_iters", "5"]
+    r = run_script("register.py", *base, "-o", "out_auto", cwd=toy_run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "affine stage first" in r.stdout
+    report = json.load(open(toy_run / "out_auto" / "report.json"))
+    assert report["refine"]["config"]["affine"] == "affine" and sum(report["refine"]["config"]["iters"]) == 0
+    assert "network" in report["refine"]["seconds"] and "affine+network" in report["seconds"]
+    assert report["normalisation"]["fixed"]["modality"] == "mri"
+    r = run_script("register.py", *base[:-2], "--affine", "none", "-o", "out_none", cwd=toy_run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "affine stage first" not in r.stdout
+    assert "refine" not in json.load(open(toy_run / "out_none" / "report.json"))
+    # refinement on a finer grid after the affine stage and the network
+    r = run_script("register.py", *base, "--refine", "2", "--refine_spacing", "3", "-o", "out_fine", cwd=toy_run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.load(open(toy_run / "out_fine" / "report.json"))
+    assert report["refine"]["model_grid_stage"]["config"]["affine"] == "affine"
+    assert report["model_grid"]["shape"] != [32, 32, 32]
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHIPPED, MANIFEST)), reason="no shipped brain model")
+def test_shipped_brain_model_matches_its_manifest(tmp_path):
+    manifest = verify(SHIPPED)
+    assert manifest["bytes"] < 3_000_000
+    expected = manifest["validation"]["eval"]
+    r = run_script("eval.py", "-c", SHIPPED, "-d", os.path.join(ROOT, manifest["recipe"]["dataset"]),
+                   "--name", "shipped", "--out_dir", str(tmp_path), cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.load(open(tmp_path / "shipped" / "shipped.json"))["summary"]
+    for key in ("dice", "dice_before", "jacc"):
+        assert abs(got[key]["mean"] - expected[key]) < 2e-3, (key, got[key]["mean"], expected[key])
+
+
+def test_synth_run_resumes_exactly(tmp_path):
+    (tmp_path / "toy.json").write_text(json.dumps(TOY))
+    flags = ["-b", "Lite", "-n", "1", "--preset", "lite", "-g", "-1", "-d", "toy.json", "--batch", "1",
+             "--round", "2", "--lr", "3e-4", "--sim", "lncc", "--dice_weight", "1", "--dice_downsample", "2",
+             "--augment", "none", "--val_steps", "0", "--workers", "1", "--threads", "1", "--seed", "2"]
+    r = run_script("train.py", *flags, "--steps", "4", "--save_steps", "4", "--output", "whole", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("train.py", *flags, "--steps", "2", "--save_steps", "2", "--output", "parts", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("train.py", "-c", "weights/parts", "--steps", "4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    whole = load_checkpoint(str(tmp_path / "weights" / "whole"))
+    parts = load_checkpoint(str(tmp_path / "weights" / "parts"))
+    assert parts["step"] == 4 and len(parts["commands"]) == 2
+    for k, v in whole["model"].items():
+        assert torch.equal(v, parts["model"][k]), k
