@@ -365,6 +365,21 @@ class SynthDataset:
         self.image_size = self.config.image_size
         self.normalisation = self.config.modality          # how register.py must map a scan's intensities
         self.segmentation_class_value = {f"label_{k}": k for k in range(1, self.config.n_labels + 1)}
+        if self.config.maps.get("brain", 0) > 0:
+            self._check_template()
+
+    def _check_template(self) -> None:
+        """Brain maps read the ICBM152 files: refuse here, in one line, rather than in a loader worker."""
+        from .icbm import FILES, template_dir
+        from .image_io import ImageError
+        try:
+            folder = template_dir()
+        except ImageError as e:
+            raise DatasetError(f"{self.json_path}: brain label maps need the ICBM152 template: {e}") from None
+        missing = [name for name in FILES.values() if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            raise DatasetError(f"{self.json_path}: brain label maps need the ICBM152 template; {folder} lacks "
+                               f"{', '.join(missing)}")
 
     def validate(self, splits=None) -> None:
         if "brain" in self.config.maps and self.config.maps["brain"] > 0:

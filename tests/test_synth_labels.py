@@ -171,3 +171,16 @@ def test_ct_pairs_are_windowed_hounsfield_maps(tmp_path):
     assert 0 <= float(x.min()) and float(x.max()) <= 1
     with pytest.raises(DatasetError, match="modality"):
         open_dataset(str(write_config(tmp_path, modality="pet")))
+
+
+def test_brain_maps_without_the_template_fail_in_one_line(tmp_path, monkeypatch):
+    import data_util.icbm as icbm
+    from data_util.image_io import ImageError
+
+    def absent(given=None):
+        raise ImageError("nilearn is not installed")
+    monkeypatch.setattr(icbm, "template_dir", absent)
+    path = write_config(tmp_path, maps={"brain": 1.0}, n_labels=6, parts=2)
+    with pytest.raises(DatasetError, match="ICBM152 template") as e:
+        open_dataset(str(path))
+    assert str(path) in str(e.value)
