@@ -381,6 +381,12 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry point (``ldr-benchmark``): :func:`main` with every fault reported as one line."""
     from network.cli import run
-    sys.exit(run(main))
+
+    return run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -113,9 +113,12 @@ def nifti_stem(name: str) -> str | None:
 
 
 def holds_dicom(folder: str) -> bool:
-    """True when a file directly in ``folder`` reads as DICOM (headers only)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    """True when a file directly in ``folder`` reads as DICOM (headers only; False without pydicom)."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:
+        return False
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or name.startswith("."):
@@ -416,6 +419,12 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry point (``ldr-convert-dataset``): :func:`main` with every fault reported as one line."""
     from network.cli import run
-    sys.exit(run(main))
+
+    return run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -28,16 +28,16 @@ import time
 
 import torch
 
-from data_util import DatasetError
-from data_util.learn2reg import make_dataset_loader, uncrop_flow
+from data_util import open_dataset
+from data_util.volume_ops import uncrop_flow
 from data_util.submission import write_displacement
 from network import CheckpointError, SizeError, build_model, count_parameters, load_checkpoint
 from network.checkpoint import load_weights
 from network.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run_name
 from network.outputs import OutputSet, atomic_write_text
 from network.inference import prepare, register, tune_allocator
-from network.metrics import METRIC_KEYS, l2r_pair_scores, pair_metrics, summarise, summarise_l2r
-from network.cli import explicit_dests, fail, load_dataset, resolve_device, stored_dataset, to_device
+from network.metrics import METRIC_KEYS, score_batch, summarise, summarise_l2r
+from network.cli import explicit_dests, fail, resolve_device, stored_dataset, to_device
 from network.refine import register_pair
 from network.refine_cli import add_refine_args, network_start, refine_arg_error, refine_config
 
@@ -165,41 +165,31 @@ def evaluate_pairs(model, loader, device, class_values, l2r_labels, args, submis
     """Register every pair of ``loader`` (timed fast path), appending metric rows and seconds per pair;
     Learn2Reg scores as ``l2r_*`` keys when ``l2r_labels``; flows to ``submission`` when given."""
     warmed = False
-    try:
-        with torch.inference_mode():
-            for batch in progress(loader, disable=None, dynamic_ncols=True):
-                batch = to_device(batch, device)
-                if not warmed:
-                    register(model, batch["voxel1"], batch["voxel2"])
-                    warmed = True
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                flow = register(model, batch["voxel1"], batch["voxel2"])["flow"]
-                if args.refine is not None:
-                    flow = refine_batch(args, model, batch, flow)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = (time.perf_counter() - t) / flow.shape[0]
-                times.append(dt)
-                batch_rows = pair_metrics(batch, flow, class_values, args.spacing)
-                if l2r_labels:
-                    spacing = batch.get("spacing1", args.spacing)
-                    scores = l2r_pair_scores(batch["seg1"], batch["seg2"], flow, l2r_labels,
-                                             spacing=spacing.cpu() if torch.is_tensor(spacing) else spacing,
-                                             sdlogj_offset=args.sdlogj_offset)
-                    for r, score in zip(batch_rows, scores):
-                        r.update({f"l2r_{k}": v for k, v in score.items()})
-                for i, r in enumerate(batch_rows):
-                    r["seconds"] = dt
-                    rows.append(r)
-                    if submission is not None:
-                        try:
-                            submission.add(batch, i, flow[i])
-                        except ValueError as e:
-                            fail(f"{args.submission}: {e}")
-    except DatasetError as e:
-        fail(str(e))
+    with torch.inference_mode():
+        for batch in progress(loader, disable=None, dynamic_ncols=True):
+            batch = to_device(batch, device)
+            if not warmed:
+                register(model, batch["voxel1"], batch["voxel2"])
+                warmed = True
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            flow = register(model, batch["voxel1"], batch["voxel2"])["flow"]
+            if args.refine is not None:
+                flow = refine_batch(args, model, batch, flow)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t) / flow.shape[0]
+            times.append(dt)
+            batch_rows = score_batch(batch, flow, class_values, args.spacing, l2r_labels, args.sdlogj_offset)
+            for i, r in enumerate(batch_rows):
+                r["seconds"] = dt
+                rows.append(r)
+                if submission is not None:
+                    try:
+                        submission.add(batch, i, flow[i])
+                    except ValueError as e:
+                        fail(f"{args.submission}: {e}")
 
 
 def refine_batch(args, model, batch, flow):
@@ -274,12 +264,9 @@ def main(argv=None):
     split = args.val_subset or "2"
     train_args = state.get("train_args") or {}
     crop = args.crop or train_args.get("crop")
-    dataset = load_dataset(dataset_path, args.paired or bool(train_args.get("paired")), [split], crop)
-    try:
-        loader = make_dataset_loader(dataset, split, args.batch, loop=False, num_workers=args.workers,
-                                     limit=args.limit)
-    except DatasetError as e:
-        fail(str(e))
+    dataset = open_dataset(dataset_path, paired=args.paired or bool(train_args.get("paired")), splits=[split],
+                           crop=tuple(crop) if crop else None)
+    loader = dataset.loader(split, args.batch, loop=False, num_workers=args.workers, limit=args.limit)
     model = prepare(load_model(state, config, dataset).to(device))
     tune_allocator()
     n_params = count_parameters(model)
@@ -331,6 +318,12 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry point (``ldr-eval``): :func:`main` with every fault reported as one line."""
     from network.cli import run
-    sys.exit(run(main))
+
+    return run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

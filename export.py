@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from network import CheckpointError, SizeError, build_model, layers, load_checkpoint
 from network.checkpoint import load_weights
+from network.errors import ToolkitError
 from network.outputs import atomic_output
 from network.cli import ArgumentParser, fail, nonneg_float, positive_int
 from network.inference import FastRegistration, register
@@ -71,7 +72,7 @@ _QUIET_LOGS = {"torch.onnx._internal.exporter._registration": "torchvision is no
                "onnx_ir._convenience": "Attribute type is ambiguous"}
 
 
-class ExportError(Exception):
+class ExportError(ToolkitError):
     """An export that cannot be done here (missing package, exporter failure); one-line message."""
 
 
@@ -396,6 +397,12 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry point (``ldr-export``): :func:`main` with every fault reported as one line."""
     from network.cli import run
-    sys.exit(run(main))
+
+    return run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

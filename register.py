@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -58,6 +59,7 @@ from network.checkpoint import load_weights
 from network.outputs import atomic_write_text
 from network.cli import ArgumentParser, explicit_dests, fail, positive_float, positive_int, resolve_device
 from network.inference import prepare, register, set_threads, tune_allocator
+from network.metrics import dice_per_label
 from network.outputs import OutputError, OutputSet, os_error_reason
 from network.refine import register_pair
 from network.refine_cli import add_refine_args, network_start, refine_arg_error, refine_config, stage_affine
@@ -170,7 +172,7 @@ def trained_normalisation(state: dict):
                 config = json.load(f)
         except (OSError, ValueError):
             continue
-        from data_util.learn2reg import is_learn2reg_config
+        from data_util.formats import is_learn2reg_config
         if is_learn2reg_config(config):
             mode = config.get("normalisation", "l2r")
             if mode in TRAINED_MODALITIES:
@@ -287,15 +289,6 @@ def preprocess(args, inputs, image_size, grid: Grid | None = None) -> dict:
 
 
 # ---- outputs on the fixed grid --------------------------------------------------------------------
-
-def dice_per_label(a: np.ndarray, b: np.ndarray, labels) -> dict:
-    out = {}
-    for value in labels:
-        x, y = a == value, b == value
-        total = x.sum() + y.sum()
-        out[int(value)] = float(2 * (x & y).sum() / total) if total else float("nan")
-    return out
-
 
 def mean(values) -> float:
     values = [v for v in values if np.isfinite(v)]
@@ -658,7 +651,9 @@ def main(argv=None):
         files[name] = lambda p, text=text: atomic_write_text(p, text)
     lap("outputs")
 
-    if not args.no_figure:
+    if not args.no_figure and importlib.util.find_spec("matplotlib") is None:
+        print('note: figure.png skipped: matplotlib is not installed (pip install -e ".[figures]")')
+    elif not args.no_figure:
         from network.visualization import save_figure
         title = f"{os.path.basename(moving.path.rstrip('/'))} -> {os.path.basename(fixed.path.rstrip('/'))}"
         if "dice_after" in report:
@@ -689,6 +684,12 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console entry point (``ldr-register``): :func:`main` with every fault reported as one line."""
     from network.cli import run
-    sys.exit(run(main))
+
+    return run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -18,7 +18,7 @@ Entry lookup follows RCN's FileManager: for entry ``"a/b/c"``, if ``"a"`` is a p
 the key ``"b/c"`` is read from that file; otherwise, if ``"/"`` is a prefix, the full key
 ``"a/b/c"`` is read from the default file. The scan id is the entry with ``/`` replaced by ``_``.
 
-Pairs are ``(fixed_entry, moving_entry)``: image 1 is fixed, image 2 is moving (README, Conventions).
+Pairs are ``(fixed_entry, moving_entry)``: image 1 is fixed, image 2 is moving (docs/conventions.md).
 """
 from __future__ import annotations
 
@@ -31,12 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data_util.interface import DatasetError, RegistrationDataset
+
 DEFAULT_POINTS = 6
 VALUE_SAMPLE = 3  # entries per file whose values validate() reads
-
-
-class DatasetError(Exception):
-    """A dataset config or HDF5 file is missing, unreadable or inconsistent (one-line message)."""
 
 
 def _shown(value, limit: int = 60) -> str:
@@ -116,7 +114,7 @@ class _PairSpace:
 # the dataset config
 # ----------------------------------------------------------------------------------------------
 
-class RCNDataset:
+class RCNDataset(RegistrationDataset):
     """An RCN dataset config with lazily opened HDF5 files.
 
     Args:
@@ -539,6 +537,12 @@ class RCNDataset:
         spaces, fractions = zip(*items)
         fractions = np.asarray(fractions, dtype=np.float64)
         return list(spaces), fractions / fractions.sum()
+
+    def loader(self, split, batch_size: int = 1, loop: bool = False, num_workers: int = 0, seed: int = 0,
+               limit: int | None = None, pairs=None, teacher_flows=None) -> DataLoader:
+        """:func:`make_loader` over this dataset (the :class:`RegistrationDataset` interface)."""
+        return make_loader(self, split, batch_size, loop=loop, num_workers=num_workers, seed=seed, limit=limit,
+                           pairs=pairs, teacher_flows=teacher_flows)
 
     def batch_iterator(self, split, batch_size: int, seed: int = 0):
         """Infinite iterator of training batches, each a list of ``batch_size`` pairs (RCN style).

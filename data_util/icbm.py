@@ -17,6 +17,8 @@ import os
 import numpy as np
 from scipy import ndimage
 
+from network.outputs import atomic_output
+
 from .image_io import ImageError, Volume, load_image
 from .preprocess import Grid, grid_points, world_to_voxel
 
@@ -169,9 +171,8 @@ def _save(path: str, data: np.ndarray, affine: np.ndarray) -> None:
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path + ".tmp.nii.gz"
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        nib.save(img, tmp)
 
 
 class IcbmPairs:

@@ -15,11 +15,13 @@ from struct import error as struct_error
 
 import numpy as np
 
+from network.errors import ToolkitError
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-class ImageError(Exception):
+class ImageError(ToolkitError):
     """An image, label map or landmark file that cannot be used (the message names the file)."""
 
 
@@ -140,13 +142,23 @@ def _is_image_slice(ds) -> bool:
     return any(tag in ds for tag in ("ImagePositionPatient", "Rows", "Columns"))
 
 
+def _pydicom(path: str):
+    """The ``pydicom`` module, or :class:`ImageError` naming ``path`` and the extra to install."""
+    try:
+        import pydicom
+        import pydicom.errors  # noqa: F401
+    except ImportError:
+        raise ImageError(f"{path}: reading DICOM needs pydicom (pip install -e \".[dicom]\")") from None
+    return pydicom
+
+
 def _dicom_files(folder: str):
     """Yield ``(path, dataset)`` for every DICOM image file directly in ``folder``. Files that are
     not DICOM at all (notes, ``.DS_Store``) are skipped; a file that looks like a DICOM slice but
     cannot be read, or a slice without pixel data (truncated), is refused: a silently dropped slice
     would shorten or distort the volume."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    pydicom = _pydicom(folder)
+    InvalidDicomError = pydicom.errors.InvalidDicomError
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or name.startswith("."):
@@ -250,8 +262,8 @@ def load_image(path: str, label: bool = False) -> Volume:
         raise ImageError(f"{path}: file not found")
     if _is_nifti(path):
         return load_nifti(path, label)
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    pydicom = _pydicom(path)
+    InvalidDicomError = pydicom.errors.InvalidDicomError
     try:
         uid = str(pydicom.dcmread(path, stop_before_pixels=True).get("SeriesInstanceUID", ""))
     except (InvalidDicomError, OSError, EOFError, ValueError):

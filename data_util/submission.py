@@ -7,7 +7,7 @@ displacement in voxels, channel ``c`` displacing axis ``c``, pulled back from th
 organisers evaluate ``map_coordinates(moving, identity + disp, order=0)`` with
 ``identity = np.meshgrid(arange(X), arange(Y), arange(Z), indexing="ij")``.
 
-That is this package's flow convention (README, Conventions; arrays loaded with nibabel without
+That is this package's flow convention (docs/conventions.md; arrays loaded with nibabel without
 reorientation): the file is just ``flow[0].numpy().astype(float16)``, no axis reversal.
 """
 from __future__ import annotations

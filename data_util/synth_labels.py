@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from network.layers import warp
 
-from .dataset import DatasetError
+from .interface import DatasetError, RegistrationDataset
 
 FORMAT = "synth"
 MAP_KINDS = ("shapes", "brain")
@@ -339,7 +339,7 @@ def make_pair(config: SynthConfig, key) -> dict:
     return out
 
 
-class SynthDataset:
+class SynthDataset(RegistrationDataset):
     """A ``"format": "synth"`` dataset JSON: the interface ``train.py`` / ``eval.py`` use.
 
     Attributes: ``json_path``, ``json`` (the config dict), ``config`` (:class:`SynthConfig`),
@@ -404,6 +404,14 @@ class SynthDataset:
     def keyed_pairs(self, split, keys) -> list:
         raise DatasetError(f"{self.json_path}: synth pairs are generated on the fly, so stored teacher flows "
                            f"do not apply; distil with an online teacher (--teacher weights/<run>)")
+
+    def loader(self, split, batch_size: int = 1, loop: bool = False, num_workers: int = 0, seed: int = 0,
+               limit: int | None = None, pairs=None, teacher_flows=None) -> DataLoader:
+        """:func:`make_synth_loader` over this dataset; stored pair lists and teacher flows do not apply."""
+        if teacher_flows is not None or pairs is not None:
+            raise DatasetError(f"{self.json_path}: stored teacher flows / pair lists do not apply to a "
+                               f"generated (synth) dataset; distil from an online teacher (--teacher)")
+        return make_synth_loader(self, split, batch_size, loop=loop, num_workers=num_workers, seed=seed, limit=limit)
 
     def to_dict(self) -> dict:
         return asdict(self.config)

@@ -335,16 +335,12 @@ def generate(out_dir, n_train: int = 20, n_val: int = 6, shape=DEFAULT_SHAPE, cr
 # plausibility summary
 # ----------------------------------------------------------------------------------------------
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2.0 * np.logical_and(a, b).sum() / total) if total else 1.0
-
-
 def summarise(json_path) -> dict:
     """Label volumes (voxels) and unregistered Dice of the validation pairs, on the original grids
     and on the cropped grids the networks see, plus the share of label voxels the crop keeps."""
     import nibabel as nib
     from data_util.learn2reg import Learn2RegDataset
+    from network.metrics import mask_dice
     ds = Learn2RegDataset(json_path)
     ids = sorted({i for s in ds.scheme_names for i in ds.ids(s)}, key=int)
     labels = {i: np.asarray(nib.load(ds.label_path(i)).dataobj) for i in ids}
@@ -355,8 +351,8 @@ def summarise(json_path) -> dict:
            "crop_keeps": min(kept), "dice": {}, "dice_cropped": {}}
     pairs = ds.pairs("2")
     for name, v in ds.segmentation_class_value.items():
-        out["dice"][name] = float(np.mean([dice(labels[f] == v, labels[m] == v) for f, m in pairs]))
-        out["dice_cropped"][name] = float(np.mean([dice(ds.load(f)["segmentation"] == v,
+        out["dice"][name] = float(np.mean([mask_dice(labels[f] == v, labels[m] == v) for f, m in pairs]))
+        out["dice_cropped"][name] = float(np.mean([mask_dice(ds.load(f)["segmentation"] == v,
                                                         ds.load(m)["segmentation"] == v) for f, m in pairs]))
     return out
 

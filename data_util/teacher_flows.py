@@ -39,7 +39,8 @@ import tempfile
 import h5py
 import numpy as np
 
-from network.outputs import os_error_reason
+from network.errors import ToolkitError
+from network.outputs import move_into_place, os_error_reason
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct
@@ -75,7 +76,7 @@ _SAFE_GLOBALS = {
 }
 
 
-class TeacherFlowError(Exception):
+class TeacherFlowError(ToolkitError):
     """A teacher-flow file is missing, unreadable, unsafe or inconsistent (one-line message)."""
 
 
@@ -268,7 +269,7 @@ class TeacherFlowWriter:
                                        f"teacher/image size; choose another --out or delete it")
             self._check_space(SPACE_MARGIN, "resuming the store")
             if final_exists:
-                os.replace(self.path, self.partial)
+                move_into_place(self.path, self.partial)
             self._file = _open_h5(self.partial, "a")
             try:
                 self.manifest = _read_manifest(self._file, self.partial)
@@ -402,7 +403,7 @@ class TeacherFlowWriter:
             return
         self.close()
         try:
-            os.replace(self.partial, self.path)
+            move_into_place(self.partial, self.path)
         except OSError as exc:
             raise TeacherFlowError(f"{self.path}: cannot move the finished store into place "
                                    f"({os_error_reason(exc, self.path)}); {RESUME_HINT}") from None

@@ -74,8 +74,8 @@ class WorldDisplacement:
     def jacobian_determinant(self) -> np.ndarray:
         """``det(I + ∇u)`` on the model grid ``(X, Y, Z)`` (central differences, one-sided at the
         border). This is also the determinant of ``x -> x + d(x)`` in mm: the grid's affine cancels."""
-        g = [[np.gradient(self.flow[c], axis=a) + (c == a) for a in range(3)] for c in range(3)]
-        det = (g[0][0] * (g[1][1] * g[2][2] - g[1][2] * g[2][1])
-               - g[0][1] * (g[1][0] * g[2][2] - g[1][2] * g[2][0])
-               + g[0][2] * (g[1][0] * g[2][1] - g[1][1] * g[2][0]))
-        return det.astype(np.float32)
+        import torch
+        from network.metrics import jacobian_determinant
+
+        flow = torch.from_numpy(np.ascontiguousarray(self.flow, dtype=np.float64))[None]
+        return jacobian_determinant(flow, "central")[0].numpy().astype(np.float32)

@@ -39,7 +39,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import ROOT  # noqa: E402
-from network.outputs import atomic_write_text  # noqa: E402
+from network.outputs import atomic_output, atomic_write_text  # noqa: E402
 
 ARMS = {"plain": ["--distill", "l2", "--distill_weight", "0"],
         "l2": ["--distill", "l2"],
@@ -81,10 +81,9 @@ def python(cmd, cwd, log=None) -> None:
     if log is None:
         subprocess.run([sys.executable] + cmd, cwd=cwd, env=env, check=True)
     else:
-        with open(log + ".tmp", "w", encoding="utf-8") as out:
+        with atomic_output(log) as tmp, open(tmp, "w", encoding="utf-8") as out:
             subprocess.run([sys.executable] + cmd, cwd=cwd, env=env, check=True, stdout=out,
                            stderr=subprocess.STDOUT)
-        os.replace(log + ".tmp", log)
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
@@ -260,8 +259,8 @@ def plot(curves, path) -> None:
     ax.set_ylim(0.5, None)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
-    os.replace(path + ".tmp.png", path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
 
 
 def main(argv=None):

@@ -40,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data_util.icbm import IcbmPairs  # noqa: E402
+from network.outputs import atomic_write_text  # noqa: E402
 from data_util.image_io import ImageError, load_image  # noqa: E402
 from data_util.preprocess import Grid, grid_points, world_to_voxel  # noqa: E402
 
@@ -82,15 +83,13 @@ def world_points(grid: Grid) -> np.ndarray:
 
 def score(grid: Grid, fixed_labels, pair, y: np.ndarray) -> dict:
     """``y``: ``(3, X, Y, Z)`` moving world points of every fixed voxel."""
-    from network.metrics import jacobian_determinant
+    from network.metrics import dice_per_label, jacobian_determinant
     import torch
     vox = world_to_voxel(grid.affine, y)
     warped = ndimage.map_coordinates(pair["moving_labels"], vox.reshape(3, -1), order=0, mode="constant")
     warped = warped.reshape(grid.shape)
-    out = {}
-    for value, name in ((1, "gm"), (2, "wm")):
-        a, b = fixed_labels == value, warped == value
-        out[f"dice_{name}"] = float(2 * (a & b).sum() / (a.sum() + b.sum()))
+    per_label = dice_per_label(fixed_labels, warped, (1, 2))
+    out = {"dice_gm": per_label[1], "dice_wm": per_label[2]}
     out["dice"] = (out["dice_gm"] + out["dice_wm"]) / 2
     brain = fixed_labels > 0
     x = world_points(grid)
@@ -316,10 +315,7 @@ def main(argv=None):
     result = {"args": {k: v for k, v in vars(args).items()}, "rows": rows, "summary": summary,
               "comparisons": comparisons}
     for name, content in (("results.json", json.dumps(result, indent=2) + "\n"), ("results.md", text)):
-        path = os.path.join(args.out, name)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(content)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(os.path.join(args.out, name), content)
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md")
     return 0
 

@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 from data_util import icbm  # noqa: E402
 from data_util.icbm import LABELS, KnownField, KnownTransform, template_box  # noqa: E402
 from data_util.image_io import ImageError  # noqa: E402
+from network.outputs import atomic_output  # noqa: E402
 from data_util.preprocess import Grid, orientation_matrix  # noqa: E402
 
 
@@ -166,10 +167,8 @@ def main(argv=None):
           f"{report['landmark_error_after_mm']:.3f}; folding {report['folding_pct']:.4f}%")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in report["seconds"].items()))
     if args.figure:
-        os.makedirs(os.path.dirname(os.path.abspath(args.figure)), exist_ok=True)
-        tmp = args.figure + ".tmp"
-        shutil.copyfile(os.path.join(out, "figure.png"), tmp)
-        os.replace(tmp, args.figure)
+        with atomic_output(args.figure) as tmp:
+            shutil.copyfile(os.path.join(out, "figure.png"), tmp)
         print(f"figure: {args.figure}")
     return 0
 

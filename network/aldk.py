@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from network.choices import ALDK_VARIANTS
 from network.checkpoint import load_checkpoint, load_weights
 from network.recursive_cascaded_networks import ModelConfig, build_model
 
@@ -45,15 +46,6 @@ from network.recursive_cascaded_networks import ModelConfig, build_model
 # the first 8000 steps; all other steps train on the reconstruction loss alone.
 SCHEME_PERIOD = 3
 SCHEME_UNTIL = 8000
-
-# Settings each ALDK recipe fills in where the caller gives none (see the module docstring).
-ALDK_VARIANTS = {
-    "stable": {"adv_loss": "wgan", "gp_mix": "uniform", "lamb": 10.0, "drift": 1e-3, "conditional": True,
-               "critic_steps": 2, "critic_channels": 8, "critic_kernel": 3, "gamma": None},
-    "paper": {"adv_loss": "paper", "gp_mix": "beta", "lamb": 0.1, "drift": 0.0, "conditional": False,
-              "critic_steps": 1, "critic_channels": 16, "critic_kernel": 5, "gamma": 0.3},
-}
-
 
 class FlowCritic(nn.Module):
     """Critic ``D``: flow ``(B, 3, X, Y, Z)`` [+ fixed and moving images ``(B, 1, X, Y, Z)``] -> score ``(B,)``.

@@ -1,9 +1,9 @@
 """Base registration networks: deformable cascades (LDR, VTN, VoxelMorph) and affine stems.
 
 Every network takes ``fixed`` and ``moving`` images ``(B, 1, X, Y, Z)`` (intensities in [0, 1]) and
-returns a dict with ``"flow"``: a displacement ``(B, 3, X, Y, Z)`` in voxels (README, Conventions).
+returns a dict with ``"flow"``: a displacement ``(B, 3, X, Y, Z)`` in voxels (docs/conventions.md).
 Affine stems also return ``"W"`` ``(B, 3, 3)``, ``"b"`` ``(B, 3)`` and ``"A" = I + W``.
-Parameter counts at ``channels=16`` match the TensorFlow references (README, Models and parameter counts).
+Parameter counts at ``channels=16`` match the TensorFlow references (docs/conventions.md).
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import ToolkitError
 from .layers import Conv3d, integrate_spatial_gradient, upsample_flow
 
 
-class SizeError(ValueError):
+class SizeError(ToolkitError, ValueError):
     """An input size a network cannot process (not divisible by its stride, or too small)."""
 
 

@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from .errors import ToolkitError
 from .outputs import OutputError, atomic_save, os_error_reason
 
 FORMAT = "ldr-rcn-checkpoint"
@@ -28,7 +29,7 @@ VERSION = 1
 _CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(ToolkitError):
     """A checkpoint that is missing, unreadable or not ours; the message names the file."""
 
 
@@ -140,7 +141,7 @@ def prune_checkpoints(folder: str, keep_last: int, protect=()) -> list:
     return removed
 
 
-class RunLockError(Exception):
+class RunLockError(ToolkitError):
     """Another process holds the run folder."""
 
 

@@ -3,9 +3,9 @@ datasets named by checkpoints, and :func:`run` that turns every known fault into
 
 A script's entry point is ``sys.exit(run(main))``. Inside ``main``, :func:`fail` prints
 ``<script>: error: <message>`` and exits with status 2; faults raised deeper in the library
-(:class:`~network.outputs.OutputError`, :class:`~network.checkpoint.CheckpointError`,
-``DatasetError``, ``TeacherFlowError``, a full disk or a missing permission) are caught by
-:func:`run` and reported the same way, with no traceback.
+(every :class:`~network.errors.ToolkitError`, a full disk or a missing permission) are caught by
+:func:`run` and reported the same way, with no traceback. This module imports nothing from
+``data_util`` or the scripts.
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import math
 import os
 import re
 import sys
+
+from .errors import ToolkitError
+from .outputs import os_error_reason
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=@-]*$")
 
@@ -32,28 +35,15 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-def _known_errors() -> tuple:
-    from data_util.dataset import DatasetError
-    from data_util.teacher_flows import TeacherFlowError
-
-    from .base_networks import SizeError
-    from .checkpoint import CheckpointError, RunLockError
-    from .outputs import OutputError
-
-    return (OutputError, CheckpointError, RunLockError, DatasetError, TeacherFlowError, SizeError)
-
-
 def run(main, argv=None) -> int:
     """Call ``main(argv)``; report library faults and operating-system write errors as one line
     (exit 2), an interrupt as ``interrupted`` (exit 130)."""
-    from .outputs import os_error_reason
-
     try:
         return main(argv)
     except KeyboardInterrupt:
         print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
         return 130
-    except _known_errors() as e:
+    except ToolkitError as e:
         fail(str(e))
     except OSError as e:
         where = e.filename or "output"
@@ -137,17 +127,6 @@ def resolve_device(gpu: str):
     return torch.device(f"cuda:{int(ids[0])}")
 
 
-def load_dataset(path: str, paired: bool = False, splits=None, crop=None):
-    """The dataset behind a JSON (RCN HDF5 layout or Learn2Reg NIfTI layout), or exit with one line."""
-    from data_util import DatasetError
-    from data_util.learn2reg import open_dataset
-
-    try:
-        return open_dataset(path, paired=paired, splits=splits, crop=tuple(crop) if crop else None)
-    except DatasetError as e:
-        fail(str(e))
-
-
 def stored_dataset(state: dict) -> str:
     """The training dataset named in a checkpoint: as typed if it exists from here, else its absolute path."""
     args = state.get("train_args") or {}
@@ -166,7 +145,7 @@ def to_device(batch: dict, device) -> dict:
 
 
 __all__ = ["ArgumentParser", "HelpFormatter", "fail", "run", "positive_int", "nonneg_int", "finite_float", "positive_float", "nonneg_float",
-           "unit_float", "weight_or_auto", "run_name", "explicit_dests", "resolve_device", "load_dataset", "stored_dataset",
+           "unit_float", "weight_or_auto", "run_name", "explicit_dests", "resolve_device", "stored_dataset",
            "to_device"]
 
 

@@ -6,7 +6,8 @@ deployment needs it and nothing more:
 * ``torch.inference_mode`` (no autograd bookkeeping), weights frozen, ``eval()``;
 * ``channels_last_3d`` activations, the layout oneDNN's 3D convolutions are fastest in on the CPU
   (the model's :class:`~network.layers.Conv3d` always uses oneDNN there);
-* only the warps the cascade needs (each stage's input, the final image, the labels), on a cached
+* the model's own cascade loop (:meth:`~network.recursive_cascaded_networks.RecursiveCascadeNetwork.cascade`)
+  with only the warps it needs (each stage's input, the final image, the labels), on a cached
   sampling grid, sampled in parallel slabs on the CPU (:func:`~network.layers.warp`);
 * no per-stage lists, losses or metrics;
 * optionally (:func:`tune_allocator`, used by ``eval.py`` and ``benchmark.py``) freed memory stays
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .layers import warp
-from .recursive_cascaded_networks import RecursiveCascadeNetwork, compose_stage
+from .recursive_cascaded_networks import RecursiveCascadeNetwork
 
 CHANNELS_LAST = torch.channels_last_3d
 
@@ -83,17 +84,10 @@ def register(model: RecursiveCascadeNetwork, fixed: torch.Tensor, moving: torch.
     """
     model.check_input(fixed, moving)
     fixed, moving = _layout(fixed, channels_last), _layout(moving, channels_last)
-    agg, affine, warped = None, None, moving
-    if model.affine is not None:
-        affine = model.affine(fixed, moving)
-        agg = affine["flow"]
-    stages = list(model.stages(rep))
-    for k, net in enumerate(stages):
-        if agg is not None:
-            warped = warp(moving, agg)
-        flow = net(fixed, warped)["flow"]
-        agg = compose_stage(agg, flow, affine if k == 0 else None)
-    out = {"flow": agg, "warped": warp(moving, agg)}
+    for stage in model.cascade(fixed, moving, rep):
+        pass
+    agg = stage.agg
+    out = {"flow": agg, "warped": stage.warped}
     if seg is not None:
         if seg.shape[0] != moving.shape[0] or seg.shape[1] != 1 or seg.shape[2:] != moving.shape[2:]:
             raise ValueError(f"seg must have shape {(moving.shape[0], 1, *moving.shape[2:])}, got {tuple(seg.shape)}")

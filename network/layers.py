@@ -1,7 +1,7 @@
 """Spatial transformer (warp), flow composition, point sampling, flow upsampling, and the 3D
 convolution layer all networks use (:class:`Conv3d`, oneDNN on the CPU).
 
-Conventions (README section "Conventions"), used everywhere in this package:
+Conventions (docs/conventions.md), used everywhere in this package:
 
 * images are ``(B, C, X, Y, Z)``, flows are ``(B, 3, X, Y, Z)``;
 * a flow is a displacement in **voxel units**; channel ``c`` displaces array axis ``c``;

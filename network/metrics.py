@@ -33,6 +33,19 @@ def dice_jaccard(a: torch.Tensor, b: torch.Tensor):
     return dice, jacc
 
 
+def mask_dice(a, b) -> float:
+    """Dice of two boolean masks of one shape (numpy arrays or tensors); NaN when both are empty."""
+    a = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a)
+    b = torch.as_tensor(np.asarray(b) if not torch.is_tensor(b) else b)
+    return float(dice_jaccard(a[None], b[None])[0][0])
+
+
+def dice_per_label(a, b, labels) -> dict:
+    """``{int(value): Dice}`` of each label value between two label maps of one shape (NaN where the
+    label is in neither)."""
+    return {int(v): mask_dice(a == v, b == v) for v in labels}
+
+
 def label_masks(seg: torch.Tensor, class_values=None) -> torch.Tensor:
     """0/255 float masks ``(B, L, X, Y, Z)``: one per label value, or the stored mask itself if None."""
     if class_values is None:
@@ -77,18 +90,41 @@ def landmark_distance(flow: torch.Tensor, fixed_points: torch.Tensor, moving_poi
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
 
 
-def jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
-    """``det(I + ∇u)`` with forward differences; ``(B, X-1, Y-1, Z-1)``."""
+JACOBIAN_DIFFERENCES = ("forward", "central", "l2r")
+
+
+def jacobian_determinant(flow: torch.Tensor, differences: str = "forward") -> torch.Tensor:
+    """``det(I + ∇u)`` of a voxel displacement ``flow`` ``(B, 3, X, Y, Z)``, float64 (the only Jacobian
+    determinant in the toolkit; every caller picks its finite differences):
+
+    * ``"forward"``: ``u[i+1] - u[i]``; ``(B, X-1, Y-1, Z-1)`` (RCN's folding metric);
+    * ``"central"``: ``(u[i+1] - u[i-1]) / 2``, one-sided at the border (``numpy.gradient``);
+      ``(B, X, Y, Z)`` (the Jacobian map ``register.py`` writes);
+    * ``"l2r"``: central differences, then a 2-voxel border cropped on every axis, as the Learn2Reg
+      evaluation computes it; ``(B, X-4, Y-4, Z-4)``, every spatial size at least 5.
+    """
     check_flow(flow)
     u = flow.double()
-    dx = u[:, :, 1:, :-1, :-1] - u[:, :, :-1, :-1, :-1]
-    dy = u[:, :, :-1, 1:, :-1] - u[:, :, :-1, :-1, :-1]
-    dz = u[:, :, :-1, :-1, 1:] - u[:, :, :-1, :-1, :-1]
-    # J[c, d] = d(x_c + u_c) / d x_d
-    J = torch.stack([dx, dy, dz], dim=2)                      # (B, 3 comp, 3 deriv, ...)
-    J = J + torch.eye(3, dtype=u.dtype, device=u.device).view(1, 3, 3, 1, 1, 1)
-    J = J.permute(0, 3, 4, 5, 1, 2)
-    return torch.linalg.det(J)
+    if differences == "forward":
+        c = slice(None, -1)
+        grad = [u[:, :, 1:, c, c] - u[:, :, c, c, c], u[:, :, c, 1:, c] - u[:, :, c, c, c],
+                u[:, :, c, c, 1:] - u[:, :, c, c, c]]
+    elif differences == "central":
+        grad = list(torch.gradient(u, dim=(2, 3, 4))) if min(u.shape[2:]) >= 2 else [torch.zeros_like(u)] * 3
+    elif differences == "l2r":
+        shape = tuple(flow.shape[2:])
+        if min(shape) < 5:
+            raise ValueError(f"the Learn2Reg Jacobian needs every spatial size >= 5 (2-voxel crop), got {shape}")
+        c = slice(2, -2)
+        grad = [(u[:, :, 3:-1, c, c] - u[:, :, 1:-3, c, c]) * 0.5, (u[:, :, c, 3:-1, c] - u[:, :, c, 1:-3, c]) * 0.5,
+                (u[:, :, c, c, 3:-1] - u[:, :, c, c, 1:-3]) * 0.5]
+    else:
+        raise ValueError(f"differences must be one of {JACOBIAN_DIFFERENCES}, got {differences!r}")
+    # J[i][j] = delta_ij + d u_i / d x_j, grad[j][:, i] = d u_i / d x_j
+    J = [[grad[j][:, i] + (1.0 if i == j else 0.0) for j in range(3)] for i in range(3)]
+    return (J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
+            - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
+            + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0]))
 
 
 def jacobian_stats(flow: torch.Tensor) -> dict:
@@ -230,27 +266,8 @@ def hausdorff95(a, b, spacing=(1.0, 1.0, 1.0), percentile: float = 95.0) -> floa
 
 
 def l2r_jacobian_determinant(flow: torch.Tensor) -> torch.Tensor:
-    """``det(I + ∇u)`` as the Learn2Reg evaluation computes it; ``(B, X-4, Y-4, Z-4)`` float64.
-
-    Central differences ``(u[i+1] - u[i-1]) / 2`` (scipy ``correlate`` with ``[-0.5, 0, 0.5]``, zero
-    padding), then a 2-voxel border is cropped on every spatial axis, so the zero padding never reaches
-    the result. Every spatial size must be at least 5.
-    """
-    check_flow(flow)
-    shape = tuple(flow.shape[2:])
-    if min(shape) < 5:
-        raise ValueError(f"l2r_jacobian_determinant needs every spatial size >= 5 (2-voxel crop), got {shape}")
-    u = flow.double()
-    c = slice(2, -2)
-    # grad[d][:, comp] = d u_comp / d x_d on the cropped interior
-    grad = [(u[:, :, 3:-1, c, c] - u[:, :, 1:-3, c, c]) * 0.5,
-            (u[:, :, c, 3:-1, c] - u[:, :, c, 1:-3, c]) * 0.5,
-            (u[:, :, c, c, 3:-1] - u[:, :, c, c, 1:-3]) * 0.5]
-    # J[i][j] = delta_ij + d u_i / d x_j
-    J = [[grad[j][:, i] + (1.0 if i == j else 0.0) for j in range(3)] for i in range(3)]
-    return (J[0][0] * (J[1][1] * J[2][2] - J[1][2] * J[2][1])
-            - J[0][1] * (J[1][0] * J[2][2] - J[1][2] * J[2][0])
-            + J[0][2] * (J[1][0] * J[2][1] - J[1][1] * J[2][0]))
+    """``jacobian_determinant(flow, "l2r")``: the Learn2Reg evaluation's Jacobian determinant."""
+    return jacobian_determinant(flow, "l2r")
 
 
 def l2r_jacobian_stats(flow: torch.Tensor, offset: float = 3.0) -> dict:
@@ -321,10 +338,9 @@ def l2r_pair_scores(fixed_seg: torch.Tensor, moving_seg: torch.Tensor, flow: tor
             if not f.any() or not m.any():
                 row[f"dice_{v}"] = row[f"hd95_{v}"] = math.nan
                 continue
-            nf = f.sum()
-            d = 2.0 * float((f & w).sum()) / float(nf + w.sum())
+            d = mask_dice(f, w)
             dice.append(d)
-            dice0.append(2.0 * float((f & m).sum()) / float(nf + m.sum()))
+            dice0.append(mask_dice(f, m))
             h = hausdorff95(f, w)
             h = diag if math.isinf(h) else h
             if np.all(spacings[i] == 1.0):
@@ -375,3 +391,19 @@ def summarise_l2r(rows: list, keys=None) -> dict:
 def dice30(rows: list) -> float:
     """The challenge's Dice30: 30th percentile of the per-pair ``dice`` (``summarise_l2r`` ``p30``)."""
     return summarise_l2r(rows, ["dice"])["dice"]["p30"]
+
+
+def score_batch(batch: dict, flow: torch.Tensor, class_values=None, spacing=None, l2r_labels=None,
+                sdlogj_offset: float = 3.0) -> list:
+    """The metric rows of one batch, as validation and ``eval.py`` report them: :func:`pair_metrics`,
+    plus the Learn2Reg scores (:func:`l2r_pair_scores`) as ``l2r_<key>`` when ``l2r_labels`` is given.
+    ``spacing``: voxel size (mm) where the batch has no ``spacing1``."""
+    rows = pair_metrics(batch, flow, class_values, spacing)
+    if l2r_labels:
+        voxel = batch.get("spacing1", spacing)
+        scores = l2r_pair_scores(batch["seg1"], batch["seg2"], flow, l2r_labels,
+                                 spacing=voxel.cpu() if torch.is_tensor(voxel) else voxel, sdlogj_offset=sdlogj_offset)
+        for row, score in zip(rows, scores):
+            row.update({f"l2r_{k}": v for k, v in score.items()})
+    return rows
+

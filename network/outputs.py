@@ -22,6 +22,8 @@ import socket
 import tempfile
 from contextlib import contextmanager
 
+from .errors import ToolkitError
+
 _HOST = socket.gethostname().replace("_", "-").replace(os.sep, "-") or "host"
 TEMP_PREFIX = ".tmp_"
 _REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -31,7 +33,7 @@ _REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota e
             errno.ENAMETOOLONG: "file name too long", errno.EFBIG: "file too large"}
 
 
-class OutputError(Exception):
+class OutputError(ToolkitError):
     """An output could not be written; the message is one line naming the path and the reason."""
 
 
@@ -134,6 +136,12 @@ def _remove(path: str) -> None:
         pass
 
 
+def move_into_place(staged: str, final: str) -> None:
+    """Rename ``staged`` to ``final`` in one step (same file system): the move every writer here ends
+    with, also the teacher-flow store's "partial file becomes the store". Raises ``OSError``."""
+    os.replace(staged, final)
+
+
 @contextmanager
 def atomic_output(path: str):
     """Yield a temporary file name beside ``path``; rename it to ``path`` if the block succeeds,
@@ -149,7 +157,7 @@ def atomic_output(path: str):
         raise OutputError(f"{path}: cannot write ({os_error_reason(e, folder)})") from None
     try:
         yield tmp
-        os.replace(tmp, path)
+        move_into_place(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save and h5py report write failures as RuntimeError
         _remove(tmp)
         if isinstance(e, OutputError):
@@ -220,11 +228,11 @@ class OutputSet:
                     os.chmod(member, 0o666 & ~_umask())
             if os.path.exists(self.final):
                 old = tempfile.mkdtemp(prefix=temp_prefix("old-"), dir=parent)
-                os.replace(self.final, os.path.join(old, "set"))
-            os.replace(self.staging, self.final)
+                move_into_place(self.final, os.path.join(old, "set"))
+            move_into_place(self.staging, self.final)
         except OSError as e:
             if old is not None and not os.path.exists(self.final):   # put the old set back
-                os.replace(os.path.join(old, "set"), self.final)
+                move_into_place(os.path.join(old, "set"), self.final)
             self.discard()
             raise OutputError(f"{self.shown}: cannot write ({os_error_reason(e, parent)})") from None
         finally:

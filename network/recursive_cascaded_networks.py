@@ -4,7 +4,7 @@ A model is an ordered list of stems: an optional affine stem, then ``n`` deforma
 applied ``rep`` times with shared weights (RCN order ``c0, c0, ..., c1, c1, ...``). Every stem sees the
 fixed image and the moving image warped by the current aggregated flow; flows compose as
 ``agg_k = warp(agg_{k-1}, flow_k) + flow_k`` and the warped image of stage k is always
-``warp(original_moving, agg_k)`` (README, Conventions).
+``warp(original_moving, agg_k)`` (docs/conventions.md).
 
 The architecture is an explicit :class:`ModelConfig`, saved with every checkpoint.
 """
@@ -16,28 +16,8 @@ import torch
 import torch.nn as nn
 
 from .base_networks import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, SizeError, check_size
+from .choices import DEFAULT_CHANNELS, DEFAULT_PRESET, PRESETS
 from .layers import SpatialTransformer, compose_flows
-
-# preset -> (affine stem or None, deformable networks per cascade, multiplier rule)
-PRESETS = {
-    # RCN: VTN affine + n cascades of the base network (VTN or VoxelMorph), multiplier 1/n
-    "rcn": {"affine": "VTNAffine", "nets_per_cascade": 1, "allowed": ("VTN", "VoxelMorph", "LDR", "SpatialGradient")},
-    # LDR_ALDK brain: LDR affine + n LDR cascades, multiplier 1/n
-    "ldr-brain": {"affine": "LDRAffine", "nets_per_cascade": 1, "allowed": ("LDR",)},
-    # LDR_ALDK liver: no affine, every cascade is two LDR nets, multiplier 1/(n+1)
-    "ldr-liver": {"affine": None, "nets_per_cascade": 2, "allowed": ("LDR",)},
-    # no affine stem, n cascades of the base network, multiplier 1/n
-    # (the Learn2Reg hippocampus recipe is plain + 1 SpatialGradient cascade)
-    "plain": {"affine": None, "nets_per_cascade": 1,
-              "allowed": ("VTN", "VoxelMorph", "LDR", "Lite", "SpatialGradient")},
-    # ours, CPU-first: n Lite cascades, no affine stem (or LDR's light affine stem first), multiplier 1/n
-    "lite": {"affine": None, "nets_per_cascade": 1, "allowed": ("Lite",)},
-    "lite-affine": {"affine": "LDRAffine", "nets_per_cascade": 1, "allowed": ("Lite",)},
-}
-DEFAULT_PRESET = {"LDR": "ldr-brain", "VTN": "rcn", "VoxelMorph": "rcn", "Lite": "lite", "SpatialGradient": "plain"}
-# base network -> default ``channels`` (SpatialGradient: the width multiplier, 8 in the recipe)
-DEFAULT_CHANNELS = {"SpatialGradient": 8}
-
 
 @dataclass
 class ModelConfig:
@@ -89,7 +69,7 @@ class ModelConfig:
 
 
 def compose_stage(agg: torch.Tensor | None, flow: torch.Tensor, affine: dict | None = None) -> torch.Tensor:
-    """Aggregate flow after a deformable stage: ``flow`` applied after ``agg`` (README, Conventions).
+    """Aggregate flow after a deformable stage: ``flow`` applied after ``agg`` (docs/conventions.md).
 
     Right after an affine stem (``affine`` given) the composition is exact and needs no resampling:
     ``A (x + u(x)) + b - x = affine(x) + A u(x)``.
@@ -99,6 +79,30 @@ def compose_stage(agg: torch.Tensor | None, flow: torch.Tensor, affine: dict | N
     if affine is not None:
         return affine["flow"] + torch.einsum("bij,bj...->bi...", affine["A"], flow)
     return compose_flows(agg, flow)
+
+
+@dataclass
+class CascadeStage:
+    """One step of :meth:`RecursiveCascadeNetwork.cascade`.
+
+    ``flow``: this stem's own flow ``(B, 3, X, Y, Z)`` (voxels); ``agg``: the aggregated flow after it;
+    ``warped``: ``warp(moving, agg)``; ``deformable``: False for the affine stem; ``output``: the stem's
+    raw output (``{"flow", "W", "b", "A"}`` for the affine stem, ``deep_flows`` with deep
+    supervision); ``prior``: the aggregated flow before it; ``after_affine``: the affine stem's output
+    when this is the first deformable stage after it (exact composition).
+    """
+
+    flow: torch.Tensor
+    agg: torch.Tensor
+    warped: torch.Tensor
+    deformable: bool
+    output: dict
+    prior: torch.Tensor | None = None
+    after_affine: dict | None = None
+
+    def compose(self, flow: torch.Tensor) -> torch.Tensor:
+        """``flow`` applied after the stages before this one (as this stage's own flow is)."""
+        return compose_stage(self.prior, flow, self.after_affine)
 
 
 class RecursiveCascadeNetwork(nn.Module):
@@ -151,33 +155,41 @@ class RecursiveCascadeNetwork(nn.Module):
         check_size(fixed.shape[2:], self.stride, f"{self.config.base_network} ({self.config.preset})",
                    minimum=getattr(DEFORMABLE_NETWORKS[self.config.base_network], "min_size", None))
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, rep: int | None = None,
-                return_all_warped: bool = False) -> dict:
-        self.check_input(fixed, moving)
-        warp = self.transformer
-        flows, agg_flows, deformable, warped_all, deep_warped = [], [], [], [], []
-        affine = None
-        agg = None
-        warped = moving
+    def cascade(self, fixed: torch.Tensor, moving: torch.Tensor, rep: int | None = None):
+        """The cascade loop (the only one: training, validation and the fast path all run it).
+
+        Yields a :class:`CascadeStage` after each stem, in application order: the affine stem (if
+        any), then every deformable stage. Each stem sees ``fixed`` and ``moving`` warped by the
+        aggregated flow so far; the warped image is always resampled from the original ``moving``.
+        """
+        agg, affine, warped = None, None, moving
         if self.affine is not None:
             affine = self.affine(fixed, moving)
             agg = affine["flow"]
-            flows.append(agg)
-            agg_flows.append(agg)
-            deformable.append(False)
-            warped = warp(moving, agg)
-            if return_all_warped:
-                warped_all.append(warped)
+            warped = self.transformer(moving, agg)
+            yield CascadeStage(flow=agg, agg=agg, warped=warped, deformable=False, output=affine)
         for k, net in enumerate(self.stages(rep)):
-            stage = net(fixed, warped)
-            flow = stage["flow"]
-            for deep in stage.get("deep_flows", []):
-                deep_warped.append(warp(moving, compose_stage(agg, deep, affine if k == 0 else None)))
-            agg = compose_stage(agg, flow, affine if k == 0 else None)
-            flows.append(flow)
-            agg_flows.append(agg)
-            deformable.append(True)
-            warped = warp(moving, agg)
+            output = net(fixed, warped)
+            prior, after_affine = agg, (affine if k == 0 else None)
+            agg = compose_stage(prior, output["flow"], after_affine)
+            warped = self.transformer(moving, agg)
+            yield CascadeStage(flow=output["flow"], agg=agg, warped=warped, deformable=True, output=output,
+                               prior=prior, after_affine=after_affine)
+
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, rep: int | None = None,
+                return_all_warped: bool = False) -> dict:
+        self.check_input(fixed, moving)
+        flows, agg_flows, deformable, warped_all, deep_warped = [], [], [], [], []
+        affine, agg, warped = None, None, moving
+        for stage in self.cascade(fixed, moving, rep):
+            if not stage.deformable:
+                affine = stage.output
+            for deep in stage.output.get("deep_flows", []):
+                deep_warped.append(self.transformer(moving, stage.compose(deep)))
+            flows.append(stage.flow)
+            agg_flows.append(stage.agg)
+            deformable.append(stage.deformable)
+            agg, warped = stage.agg, stage.warped
             if return_all_warped:
                 warped_all.append(warped)
         out = {"flows": flows, "agg_flows": agg_flows, "deformable": deformable,
@@ -195,5 +207,5 @@ def build_model(config: ModelConfig | dict) -> RecursiveCascadeNetwork:
     return RecursiveCascadeNetwork(config)
 
 
-__all__ = ["ModelConfig", "RecursiveCascadeNetwork", "build_model", "PRESETS", "DEFAULT_PRESET", "DEFAULT_CHANNELS",
+__all__ = ["ModelConfig", "RecursiveCascadeNetwork", "CascadeStage", "build_model", "PRESETS", "DEFAULT_PRESET", "DEFAULT_CHANNELS",
            "SizeError"]

@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from .cli import fail, to_device
-from .metrics import l2r_pair_scores, pair_metrics, summarise
+from .cli import to_device
+from .errors import RunError
+from .metrics import score_batch, summarise
 
 # Flags that say where and how fast a run executes, not what it is: never restored. The run folder
 # (--output) is where the checkpoint lies, so a moved or copied run resumes in place.
@@ -48,7 +49,7 @@ def restore_run_args(args, explicit: set, stored: dict, config, flag_names: dict
         if dest in explicit and getattr(args, dest) not in (None, False):
             have = getattr(config, field)
             if _differs(getattr(args, dest), have):
-                fail(f"{flag_names.get(dest, dest)} {getattr(args, dest)}: the checkpoint's model has "
+                raise RunError(f"{flag_names.get(dest, dest)} {getattr(args, dest)}: the checkpoint's model has "
                      f"{field} = {have}; architecture flags cannot change when resuming")
     return overrides
 
@@ -136,7 +137,7 @@ def distillation_step(distiller, teacher, batch, student_flow, rec_loss, rec_com
         critic_comps = distiller.critic_step(teacher_flow, student_flow, images)
         loss, comps = distiller.student_loss(rec_loss, rec_comps, student_flow, teacher_flow, step, images)
     except FloatingPointError as e:
-        fail(f"{e} at step {step} (pairs {list(batch['id1'])} / {list(batch['id2'])})")
+        raise RunError(f"{e} at step {step} (pairs {list(batch['id1'])} / {list(batch['id2'])})")
     comps.update(critic_comps)
     return loss, comps
 
@@ -157,14 +158,7 @@ def validate(model, loader, device, class_values, rep=None, l2r_labels=None):
         for batch in loader:
             batch = to_device(batch, device)
             out = model(batch["voxel1"], batch["voxel2"], rep=rep)
-            batch_rows = pair_metrics(batch, out["flow"], class_values)
-            if l2r_labels:
-                spacing = batch.get("spacing1")
-                scores = l2r_pair_scores(batch["seg1"], batch["seg2"], out["flow"], l2r_labels,
-                                         spacing=None if spacing is None else spacing.cpu())
-                for row, score in zip(batch_rows, scores):
-                    row.update({f"l2r_{k}": v for k, v in score.items()})
-            rows += batch_rows
+            rows += score_batch(batch, out["flow"], class_values, l2r_labels=l2r_labels)
             if panel is None:
                 panel = tensorboard_panel(batch["voxel1"][0], batch["voxel2"][0], out["warped"][0], out["flow"][0])
     finally:
@@ -186,19 +180,26 @@ class LazyWriter:
 
     def _get(self):
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print('note: no TensorBoard logs: tensorboard is not installed (pip install -e ".[tensorboard]")')
+                self._writer = False
+                return None
             self._writer = SummaryWriter(self.log_dir, purge_step=self.purge_step or None)
-        return self._writer
+        return self._writer or None
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self._get().add_scalar(tag, value, step)
+        if self._get() is not None:
+            self._writer.add_scalar(tag, value, step)
 
     def add_image(self, tag: str, img_chw_uint8, step: int) -> None:
         """Log a uint8 ``(C, H, W)`` image (e.g. :func:`network.visualization.tensorboard_panel`)."""
-        self._get().add_image(tag, img_chw_uint8, step, dataformats="CHW")
+        if self._get() is not None:
+            self._writer.add_image(tag, img_chw_uint8, step, dataformats="CHW")
 
     def close(self) -> None:
-        if self._writer is not None:
+        if self._writer:
             self._writer.close()
 
 

@@ -100,8 +100,9 @@ def test_seed_command_runs_with_the_extracted_flows(extracted):
 
 def test_training_reads_back_the_extracted_flow_of_each_pair(extracted, monkeypatch):
     import train
+    from engine import trainer
     seen = []
-    original = train.distillation_step
+    original = trainer.distillation_step
 
     def spy(distiller, teacher, batch, *args):
         seen.append((batch["id1"][0], batch["id2"][0], batch["teacher_flow"][0].clone()))
@@ -109,7 +110,7 @@ def test_training_reads_back_the_extracted_flow_of_each_pair(extracted, monkeypa
 
     workdir = extracted.parents[2]
     monkeypatch.chdir(workdir)
-    monkeypatch.setattr(train, "distillation_step", spy)
+    monkeypatch.setattr(trainer, "distillation_step", spy)
     assert train.main(["-b", "LDR", "-n", "1", "--steps", "3", "--batch", "1", "--output", "spy", "-d",
                        "data/synthetic.json", "--distill", "l2", "--val_steps", "0", "--workers", "0"]) == 0
     assert len(seen) == 3

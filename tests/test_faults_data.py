@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from data_util import DatasetError, RCNDataset
-from data_util.learn2reg import Learn2RegDataset, open_dataset
+from data_util.formats import open_dataset
+from data_util.learn2reg import Learn2RegDataset
 from data_util.teacher_flows import TeacherFlowError, TeacherFlows, TeacherFlowWriter
 from faults import ROOT, assert_clean_error, full_disk, leftovers, read_only_dir, run_script  # noqa: F401
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from data_util.dataset import DatasetError, RCNDataset
-from data_util.learn2reg import (L2RPairDataset, Learn2RegDataset, crop_or_pad, make_dataset_loader,
-                                 make_l2r_loader, normalise, normalise_l2r, open_dataset, uncrop_flow)
+from data_util.formats import make_dataset_loader, open_dataset
+from data_util.learn2reg import (L2RPairDataset, Learn2RegDataset, crop_or_pad, make_l2r_loader, normalise, normalise_l2r, uncrop_flow)
 from data_util.synthetic_hippocampus import generate, validation_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

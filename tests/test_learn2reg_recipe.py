@@ -11,7 +11,7 @@ from network import ModelConfig, RegistrationLoss, build_model, count_parameters
 from network.base_networks import SpatialGradientNet
 from network.layers import integrate_spatial_gradient, spatial_gradient_of, warp
 from network.losses import one_hot, overlap_mask, soft_dice_loss, spatial_gradient_l1_loss
-from train import forward_and_loss
+from network.training import forward_and_loss
 
 
 def rand(*shape, seed=0):

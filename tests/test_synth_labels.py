@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_util import DatasetError
-from data_util.learn2reg import make_dataset_loader, open_dataset
+from data_util.formats import make_dataset_loader, open_dataset
 from data_util.synth_labels import (SequentialPairSampler, SynthDataset, SynthPairDataset, make_pair, shapes_map,
                                     smooth_field, synth_image, then_affine)
 from network.layers import warp

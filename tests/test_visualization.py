@@ -126,8 +126,7 @@ def test_save_figure_removes_temp_on_failure(tmp_path):
 
 
 def test_validate_returns_panel_and_restores_train_mode():
-    import train
-    from network import ModelConfig, build_model
+    from network import ModelConfig, training as train, build_model
     torch.manual_seed(0)
     model = build_model(ModelConfig(base_network="Lite", preset="lite", image_size=(32, 32, 32), channels=4))
     model.train()
