@@ -12,15 +12,9 @@ import os
 
 from data_util.dataset import RCNDataset
 from data_util.interface import DatasetError
-from data_util.l2r_layout import FORMAT, read_json
+from data_util.l2r_layout import FORMAT, is_learn2reg_config, read_json
 from data_util.learn2reg import Learn2RegDataset
 from data_util.synth_labels import SynthDataset, is_synth_config
-
-
-def is_learn2reg_config(config) -> bool:
-    """True for our ``"format": "learn2reg"`` configs and Learn2Reg 2021+ ``dataset.json`` files."""
-    return isinstance(config, dict) and (config.get("format") == FORMAT or (
-        config.get("format") is None and "training" in config and "registration_val" in config))
 
 
 def open_dataset(json_path, **kwargs):

@@ -103,6 +103,12 @@ def read_pairs_csv(path: str) -> list:
     return out
 
 
+def is_learn2reg_config(config) -> bool:
+    """True for our ``"format": "learn2reg"`` configs and Learn2Reg 2021+ ``dataset.json`` files."""
+    return isinstance(config, dict) and (config.get("format") == FORMAT or (
+        config.get("format") is None and "training" in config and "registration_val" in config))
+
+
 class Learn2RegLayout:
     """Config parsing of a Learn2Reg-style dataset: ids, file paths, splits and pairs.
 
@@ -110,8 +116,7 @@ class Learn2RegLayout:
     (name -> value), ``label_values``, ``description``.
     """
 
-    def __init__(self, json_path, crop=None, normalisation=None,
-                 paired: bool = False):
+    def __init__(self, json_path, crop=None, normalisation=None, paired: bool = False):
         self.json_path = os.path.abspath(os.fspath(json_path))
         if paired:
             raise DatasetError(f"{self.json_path}: paired=True (adjacent-pair mode) is for RCN HDF5 "
@@ -120,13 +125,13 @@ class Learn2RegLayout:
         config = read_json(self.json_path, "dataset config")
         if not isinstance(config, dict):
             raise self._error("invalid config, expected a JSON object")
-        if config.get("format") == FORMAT:
-            self._parse_ours(config)
-        elif "training" in config and "registration_val" in config and config.get("format") is None:
-            self._parse_l2r2021(config)
-        else:
+        if not is_learn2reg_config(config):
             raise self._error(f"not a learn2reg config ('format' is {config.get('format')!r}; expected "
                               f"'{FORMAT}', or Learn2Reg 'training' + 'registration_val' keys)")
+        if config.get("format") == FORMAT:
+            self._parse_ours(config)
+        else:
+            self._parse_l2r2021(config)
         if crop is not None:
             self.crop = self._parse_crop(crop)
         if normalisation is not None:
@@ -474,4 +479,4 @@ class Learn2RegLayout:
         return len(s["pairs"]) if s["pairs"] is not None else len(s["ids"]) * (len(s["ids"]) - 1)
 
 
-__all__ = ["Learn2RegLayout", "read_pairs_csv", "read_json", "FORMAT"]
+__all__ = ["Learn2RegLayout", "is_learn2reg_config", "read_pairs_csv", "read_json", "FORMAT"]
