@@ -21,8 +21,8 @@ nominal AVX2 peak. ``--plain`` adds each model's time on the unoptimised path (P
 default layout and backend choice, one grid_sample per warp, ``model(...)`` under ``no_grad``).
 The "network only" rows time a single deformable network's forward pass (no stems, no warps).
 
-On a GPU (when one is present, or ``--device cuda``) the table is repeated for fp32 and AMP (float16
-autocast), batch 1 and ``--gpu_batch``. The table is printed as Markdown and written with the setup
+On a GPU (when one is present, or ``--device cuda``) the table is repeated for fp32 and bf16
+autocast, batch 1 and ``--gpu_batch``. The table is printed as Markdown and written with the setup
 to ``--json``.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ from network import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, ModelConfig, build_mod
 from network.outputs import atomic_write_text
 from network.cli import ArgumentParser, fail, nonneg_int, positive_float, positive_int
 from network.inference import prepare, register, set_threads, tune_allocator
+from network.profiling import peak_memory_mib
 
 # key -> (label, ModelConfig keywords)
 MODELS = {
@@ -127,46 +128,6 @@ def size_problem(args) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------------------------- memory
-def _rss_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux ``clear_refs`` 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_memory_mib(fn, device: torch.device) -> float | None:
-    """Peak memory of one call of ``fn`` above what was in use just before it, in MiB (None if unknown)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
-    tune_allocator(False)                     # measure with glibc's defaults: retained memory would hide the peak
-    if not _reset_peak_rss():
-        return None
-    before = _rss_kib("VmRSS")
-    fn()
-    peak = _rss_kib("VmHWM")
-    return None if before is None or peak is None else max(peak - before, 0) / 1024
-
-
 # ----------------------------------------------------------------------------------------------- timing
 class Case:
     """One row: a callable that runs a full registration (or one network) on prepared inputs."""
@@ -196,7 +157,7 @@ def make_inputs(size, batch, device, seed):
 def build_cases(args, device, batch, amp):
     size = args.size
     fixed, moving, seg = make_inputs(size, batch, device, args.seed)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else None
 
     def wrap(fn):
         if autocast is None:
@@ -360,7 +321,7 @@ def main(argv=None):
     for dev_name, batch, amp in settings:
         device = torch.device(dev_name)
         title = (f"{dev_name.upper()}" + (f" ({threads} threads)" if dev_name == "cpu" else "")
-                 + f", {args.size}^3, batch {batch}, {'AMP float16' if amp else 'fp32'}")
+                 + f", {args.size}^3, batch {batch}, {'bf16 autocast' if amp else 'fp32'}")
         print(f"\n== {title}: building and timing {len(args.models)} models ...", flush=True)
         cases = build_cases(args, device, batch, amp)
         time_cases(cases, args, device)

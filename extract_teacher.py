@@ -26,7 +26,7 @@ from data_util import DatasetError, RCNDataset, make_loader, scan_id
 from data_util.teacher_flows import TeacherFlowError, TeacherFlowWriter, pair_key
 from network import CheckpointError, SizeError
 from network.aldk import OnlineTeacher
-from network.cli import ArgumentParser, fail, nonneg_int, positive_int, resolve_device, stored_dataset, to_device
+from network.cli import ArgumentParser, fail, nonneg_int, positive_int, stored_dataset, to_device
 
 
 def parse_args(argv=None):
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--shuffle", action="store_true", help="with --limit: a random subset of pairs (--seed)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("-r", "--rep", type=positive_int, default=None, help="teacher shared-weight repetitions (default: its own)")
-    p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
+    p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU; under torchrun one id per process (-g 0,1) or -1")
     p.add_argument("--batch", type=positive_int, default=1, help="pairs per teacher forward pass")
     p.add_argument("--workers", type=nonneg_int, default=1, help="data loader worker processes")
     p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch default)")
@@ -78,11 +78,74 @@ def open_teacher(args, device):
     return teacher, dataset, pairs
 
 
+def store_path(args, teacher, oracle: bool) -> str:
+    if args.out:
+        return args.out
+    if oracle:
+        return os.path.join("Teacher_deformations", os.path.splitext(os.path.basename(args.dataset))[0], "oracle.h5")
+    return default_store_path(args.dataset, teacher.path, teacher.step)
+
+
+def extract(teacher, dataset, args, pairs, writer, device, oracle: bool, show: bool = True) -> None:
+    """Run the teacher over ``pairs`` (those not in ``writer`` yet) and store each pair's flow."""
+    from tqdm import tqdm
+
+    pairs = [p for p in pairs if pair_key(scan_id(p[0]), scan_id(p[1])) not in writer]
+    if not pairs:
+        return
+    if oracle:
+        for fixed, moving in tqdm(pairs, dynamic_ncols=True, disable=None if show else True):
+            writer.write(pair_key(scan_id(fixed), scan_id(moving)), teacher.flow(fixed, moving))
+        return
+    loader = make_loader(dataset, args.split, args.batch, pairs=pairs, num_workers=args.workers)
+    for batch in tqdm(loader, total=len(loader), dynamic_ncols=True, disable=None if show else True):
+        batch = to_device(batch, device)
+        flow = teacher(batch["voxel1"], batch["voxel2"]).float().cpu()
+        for b in range(flow.shape[0]):
+            writer.write(pair_key(batch["id1"][b], batch["id2"][b]), flow[b].numpy())
+
+
+def shard_path(out: str, rank: int, world_size: int) -> str:
+    """Where process ``rank`` of a torchrun extraction stores its share before rank 0 merges them."""
+    return f"{out}.rank{rank}of{world_size}"
+
+
+def merge_shards(writer, out: str, world_size: int) -> int:
+    """Copy every shard's pairs into ``writer`` (rank 0, after all shards are finished), then delete
+    the shards; returns the number of pairs copied. An interrupted merge is resumed by a rerun."""
+    import h5py
+
+    copied = 0
+    for rank in range(world_size):
+        path = shard_path(out, rank, world_size)
+        with h5py.File(path, "r") as shard:
+            for key in shard["flows"]:
+                if key not in writer:
+                    writer.write(key, shard["flows"][key][()])
+                    copied += 1
+    for rank in range(world_size):
+        os.remove(shard_path(out, rank, world_size))
+    return copied
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.gpu)
+    from engine.distributed import from_environment
+
+    dist, device = from_environment(args.gpu, argv, "extract_teacher.py", timeout_minutes=24 * 60)
+    if not dist.is_main:
+        sys.stdout = open(os.devnull, "w")
+    status = extract_store(args, dist, device)
+    dist.close()
+    return status
+
+
+def extract_store(args, dist, device) -> int:
+    """Extract into one store; under torchrun each process takes every ``world_size``-th missing pair
+    into its own shard and rank 0 merges the shards."""
     teacher, dataset, pairs = open_teacher(args, device)
     if args.limit is not None:
         if args.shuffle:
@@ -90,52 +153,52 @@ def main(argv=None):
             pairs = [pairs[i] for i in order]
         pairs = pairs[:args.limit]
     oracle = not isinstance(teacher, OnlineTeacher)
-    if args.out:
-        out = args.out
-    elif oracle:
-        out = os.path.join("Teacher_deformations", os.path.splitext(os.path.basename(args.dataset))[0], "oracle.h5")
-    else:
-        out = default_store_path(args.dataset, teacher.path, teacher.step)
+    out = store_path(args, teacher, oracle)
     with open(dataset.json_path, encoding="utf-8") as f:
         dataset_config = json.load(f)
     manifest = {"teacher": teacher.fingerprint(),
                 "teacher_checkpoint": None if oracle else os.path.abspath(teacher.path),
                 "dataset": args.dataset, "dataset_abspath": dataset.json_path, "dataset_config": dataset_config,
                 "split": args.split, "paired": args.paired, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        writer = TeacherFlowWriter(out, manifest, teacher.image_size)
-    except TeacherFlowError as e:
-        fail(str(e))
-    todo = [p for p in pairs if pair_key(scan_id(p[0]), scan_id(p[1])) not in writer]
+    writer = TeacherFlowWriter(out, manifest, teacher.image_size) if dist.is_main else None
+    todo = dist.broadcast([p for p in pairs if pair_key(scan_id(p[0]), scan_id(p[1])) not in writer]
+                          if dist.is_main else None)
     source = ("the generator's ground-truth flows" if oracle else f"teacher {teacher.path} (step {teacher.step}, "
               f"{teacher.config.n_cascades} x {teacher.config.base_network}, preset {teacher.config.preset})")
+    spread = f", over {dist.world_size} processes" if dist.enabled else ""
     print(f"{source}; {len(pairs)} pairs of split '{args.split}', {len(pairs) - len(todo)} "
-          f"already stored, {len(todo)} to extract -> {out}")
-    from tqdm import tqdm
+          f"already stored, {len(todo)} to extract{spread} -> {out}")
     t0 = time.time()
+    target = writer
     try:
-        if todo and oracle:
-            for fixed, moving in tqdm(todo, dynamic_ncols=True, disable=None):
-                writer.write(pair_key(scan_id(fixed), scan_id(moving)), teacher.flow(fixed, moving))
-        elif todo:
-            loader = make_loader(dataset, args.split, args.batch, pairs=todo, num_workers=args.workers)
-            for batch in tqdm(loader, total=len(loader), dynamic_ncols=True, disable=None):
-                batch = to_device(batch, device)
-                flow = teacher(batch["voxel1"], batch["voxel2"]).float().cpu()
-                for b in range(flow.shape[0]):
-                    writer.write(pair_key(batch["id1"][b], batch["id2"][b]), flow[b].numpy())
-        n = len(writer)
-        writer.finish()
+        if dist.enabled:
+            target = TeacherFlowWriter(shard_path(out, dist.rank, dist.world_size), manifest, teacher.image_size)
+        extract(teacher, dataset, args, todo[dist.rank::dist.world_size], target, device, oracle, dist.is_main)
+        if dist.enabled:
+            target.finish()
+            dist.barrier()
+            if dist.is_main:
+                merge_shards(writer, out, dist.world_size)
+        n = len(writer) if writer is not None else 0
+        if writer is not None:
+            writer.finish()
     except KeyboardInterrupt:
-        n = len(writer)
-        writer.close()
-        print(f"interrupted: {n} pairs kept in {out}.partial; run the same command again to resume")
+        for w in {id(target): target, id(writer): writer}.values():
+            if w is not None:
+                w.close()
+        print(f"interrupted: the pairs so far are kept in {out}.partial (and the per-process shards); "
+              f"run the same command again to resume")
         return 130
     except (DatasetError, TeacherFlowError, ValueError) as e:
-        writer.close()
-        fail(str(e))
-    print(f"done: {len(todo)} pairs in {time.time() - t0:.1f} s; {out} holds {n} pairs "
-          f"({os.path.getsize(out) / 2 ** 20:.1f} MiB)")
+        for w in {id(target): target, id(writer): writer}.values():
+            if w is not None:
+                w.close()
+        if isinstance(e, (DatasetError, TeacherFlowError)):
+            raise
+        raise TeacherFlowError(str(e)) from None
+    if dist.is_main:
+        print(f"done: {len(todo)} pairs in {time.time() - t0:.1f} s; {out} holds {n} pairs "
+              f"({os.path.getsize(out) / 2 ** 20:.1f} MiB)")
     return 0
 
 

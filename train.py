@@ -37,12 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(no affine), lite (n Lite cascades, our CPU-first student), lite-affine (LDR affine + n Lite). Default: " + ", ".join(f"{k} -> {v}" for k, v in DEFAULT_PRESET.items()))
     p.add_argument("--channels", type=positive_int, default=None,
                    help="base channel width c (default 16; SpatialGradient: width multiplier, default 8)")
-    p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU")
+    p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU; under torchrun one id per "
+                   "process (-g 0,1) or -1 (CPU workers)")
     p.add_argument("-c", "--checkpoint", default=None, help="resume from DIR[:STEP] or a ckpt_<step>.pt file")
     p.add_argument("-d", "--dataset", default=None,
                    help="dataset JSON: RCN layout (HDF5), or Learn2Reg layout (NIfTI + pairs file, 'format': 'learn2reg')")
     p.add_argument("--paired", action="store_true", help="adjacent entries are pairs (LSPIG)")
-    p.add_argument("--batch", type=positive_int, default=4, help="pairs per step")
+    p.add_argument("--batch", type=positive_int, default=4, help="pairs per step (under torchrun: the global "
+                   "batch, split evenly over the processes)")
     p.add_argument("--round", type=positive_int, default=20000, help="steps per epoch")
     p.add_argument("--epochs", type=positive_float, default=1, help="total epochs of the run (a total, also when resuming: pass a larger value to train further)")
     p.add_argument("--steps", type=positive_int, default=None, help="total steps of the run (overrides round x epochs; a total, also when resuming)")
@@ -71,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=nonneg_int, default=1, help="data loader worker processes")
     p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the initial weights, data order and augmentation")
+    s = p.add_argument_group("scale: several processes, mixed precision, memory (docs/distributed.md)")
+    s.add_argument("--amp", choices=["off", "bf16"], default="off",
+                   help="bf16: networks under bfloat16 autocast; warping, composition, Jacobians and losses stay float32")
+    s.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each stem's activations in the backward pass instead of storing them "
+                        "(less memory, about one more forward pass of time; same results)")
     r = p.add_argument_group("Learn2Reg hippocampus recipe (weak supervision, symmetric training)")
     r.add_argument("--dice_weight", type=nonneg_float, default=0.0,
                    help="weight of the soft Dice loss between warped one-hot moving labels and fixed labels "

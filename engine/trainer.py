@@ -20,14 +20,15 @@ import torch
 
 from data_util import augment_moving, augment_pair_affine, open_dataset
 from engine.distillation import setup_distillation
+from engine.distributed import Distributed, ShardBatches, from_environment
 from network import (DEFAULT_CHANNELS, DEFAULT_PRESET, ModelConfig, RegistrationLoss, SizeError, build_model,
                      count_parameters, load_checkpoint, save_checkpoint)
 from network.checkpoint import (RunLock, list_checkpoints, load_weights, prune_checkpoints, restore_rng_state,
                                 rng_state)
-from network.cli import resolve_device, stored_dataset, to_device
+from network.cli import stored_dataset, to_device
 from network.errors import RunError
 from network.outputs import clean_stale_temps
-from network.training import (LazyWriter, Progress, distillation_step, forward_and_loss, learning_rate, log_step,
+from network.training import (MEAN_COMPONENTS, LazyWriter, Progress, distillation_step, forward_and_loss, learning_rate, log_step,
                               restore_run_args, resumed_loader, shown_components, validate)
 
 
@@ -110,8 +111,14 @@ def input_normalisation(dataset) -> str:
 class Run:
     """Everything one training needs while it steps (built by :func:`main`)."""
 
-    def __init__(self, args, state, dataset, config, model, device):
+    def __init__(self, args, state, dataset, config, model, device, dist: Distributed | None = None):
         self.args, self.dataset, self.config, self.model, self.device = args, dataset, config, model, device
+        self.dist = dist or Distributed()
+        model.activation_checkpointing = bool(getattr(args, "activation_checkpointing", False))
+        self.net = model                        # what the step runs: the model, or its DDP wrapper
+        if self.dist.enabled:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
         self.start_step = int(state["step"]) if state is not None else 0
         self.total_steps = args.steps if args.steps is not None else int(round(args.round * args.epochs))
         self.base_lr = 5e-6 if args.finetune else args.lr
@@ -127,16 +134,22 @@ class Run:
         self.best = (state or {}).get("best")
         self.n_params = count_parameters(model)
         self.train_args = dict(vars(args), dataset_abspath=os.path.abspath(args.dataset))
-        self.aug_gen = torch.Generator(device="cpu").manual_seed(args.seed)
+        self.aug_gen = torch.Generator(device="cpu").manual_seed(args.seed + 104729 * self.dist.rank)
         self.class_values = (list(dataset.segmentation_class_value.values())
                              if dataset.segmentation_class_value else None)
         self.is_l2r = getattr(dataset, "image_type", None) == "learn2reg"
 
-    def checkpoint(self, step: int, val: dict | None = None) -> str:
+    def checkpoint(self, step: int, val: dict | None = None) -> str | None:
+        """Save step ``step`` (rank 0; every process takes part: their random states are gathered)."""
+        states = self.dist.gather(rng_state({"augment": self.aug_gen}))
+        if not self.dist.is_main:
+            return None
         extra = {"n_params": self.n_params, "input_normalisation": input_normalisation(self.dataset),
                  "register_affine": getattr(self.dataset, "register_affine", "none"),
-                 "commands": getattr(self, "commands", []),
-                 "rng": rng_state({"augment": self.aug_gen}), "best": self.best}
+                 "commands": getattr(self, "commands", []), "rng": states[0], "best": self.best,
+                 "world_size": self.dist.world_size}
+        if self.dist.enabled:
+            extra["rng_ranks"] = states
         if val is not None:
             extra["val"] = {k: float(v) for k, v in val.items()}
         if self.distiller is not None:
@@ -151,6 +164,10 @@ def prepare_run(run: Run, state) -> None:
     """Distillation, loaders, loss and the restored random state of ``run``."""
     args, dataset = run.args, run.dataset
     run.distiller, run.teacher, flows, pairs = setup_distillation(args, dataset, run.config.image_size, run.device)
+    if run.distiller is not None and run.dist.enabled:
+        run.distiller.comm = run.dist
+        if run.distiller.critic is not None:
+            run.dist.broadcast_module(run.distiller.critic)
     if run.distiller is not None and state is not None:
         if not state.get("distill"):
             raise RunError(f"{state['path']}: this checkpoint has no distillation critic state, but the run distils "
@@ -162,9 +179,9 @@ def prepare_run(run: Run, state) -> None:
     run.augment = "none" if args.no_augment or flows is not None else args.augment
     loader = dataset.loader("1", args.batch, loop=True, num_workers=args.workers,
                                  seed=args.seed, pairs=pairs, teacher_flows=flows)
-    run.train_loader = resumed_loader(loader, run.start_step)
+    run.train_loader = shard_loader(resumed_loader(loader, run.start_step), run.dist)
     run.val_loader = None
-    if args.val_steps > 0 and "2" in dataset.scheme_names:
+    if args.val_steps > 0 and "2" in dataset.scheme_names and run.dist.is_main:
         dataset.validate(["2"])
         run.val_loader = dataset.loader("2", args.batch, loop=False, num_workers=0,
                                              limit=args.val_pairs)
@@ -172,12 +189,34 @@ def prepare_run(run: Run, state) -> None:
                                    dice_weight=args.dice_weight, label_values=run.class_values or [255.0],
                                    mask_overlap=args.mask_overlap, dice_downsample=args.dice_downsample)
     run.batches = iter(run.train_loader)        # draws the loader's seed before the RNG is restored, as in a fresh run
-    if state is not None and state.get("rng"):
-        restore_rng_state(state["rng"], {"augment": run.aug_gen})
-    elif state is not None:
-        run.aug_gen.manual_seed(args.seed + 7919 * run.start_step)
+    if state is not None:
+        restore_random_state(run, state)
+
+
+def shard_loader(loader, dist: Distributed):
+    """``loader`` (an infinite training loader of global batches) giving this process its share of each."""
+    if not dist.enabled:
+        return loader
+    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=ShardBatches(loader.batch_sampler, dist.rank,
+                                                                                    dist.world_size),
+                                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                       pin_memory=loader.pin_memory)
+
+
+def restore_random_state(run: Run, state: dict) -> None:
+    """Each process's torch / numpy / augmentation random state from the checkpoint. A run resumed on
+    another number of processes keeps its pair order but not its augmentation draws (said once)."""
+    ranks = state.get("rng_ranks") or ([state["rng"]] if state.get("rng") else [])
+    if len(ranks) == run.dist.world_size:
+        restore_rng_state(ranks[run.dist.rank], {"augment": run.aug_gen})
+        return
+    run.aug_gen.manual_seed(run.args.seed + 7919 * run.start_step + 104729 * run.dist.rank)
+    if not ranks:
         print(f"note: {state['path']} has no random state (older format): the continuation is not bit-identical "
               f"to an uninterrupted run")
+    else:
+        print(f"note: {state['path']} was saved by {len(ranks)} process(es), this run has {run.dist.world_size}: "
+              f"same pairs in the same order, but augmentation draws differ from an uninterrupted run")
 
 
 def train_step(run: Run, batch: dict, step: int):
@@ -188,14 +227,18 @@ def train_step(run: Run, batch: dict, step: int):
     elif run.augment == "affine":
         batch = augment_pair_affine(batch, run.aug_gen, *run.args.affine_range)
     batch = to_device(batch, run.device)
-    out, loss, comps = forward_and_loss(run.model, run.loss_fn, batch, run.args.symmetric)
+    out, loss, comps = forward_and_loss(run.net, run.loss_fn, batch, run.args.symmetric,
+                                        getattr(run.args, "amp", "off"))
     if run.distiller is not None:
         loss, comps = distillation_step(run.distiller, run.teacher, batch, out["flow"], loss, comps, step)
-    if not torch.isfinite(loss):
-        raise RunError(f"loss became {float(loss)} at step {step} (pairs {list(batch['id1'])} / {list(batch['id2'])}); "
-             "no checkpoint written for this step")
+    if run.dist.any(not torch.isfinite(loss))[0]:
+        where = f" on process {run.dist.rank} or another" if run.dist.enabled else ""
+        raise RunError(f"loss became non-finite{where} at step {step} (this process: {float(loss)} on pairs "
+                       f"{list(batch['id1'])} / {list(batch['id2'])}); no checkpoint written for this step")
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # the losses are sums over the batch's pairs and DDP averages gradients: scaling by the number of
+    # processes makes the step the one a single process takes on the whole batch
+    (loss * run.dist.world_size if run.dist.enabled else loss).backward()
     run.optimizer.step()
     run.scheduler.step()
     return loss, comps, lr
@@ -238,26 +281,33 @@ class StopRequest:
 
 def train_loop(run: Run, stop: StopRequest) -> int:
     """Step from ``run.start_step`` to ``run.total_steps``, validating, logging and checkpointing.
-    A stop request (Ctrl-C, SIGTERM from Slurm) saves the last finished step and returns 130."""
-    args = run.args
-    writer = LazyWriter(run.logs_dir, purge_step=run.start_step)
+    A stop request (Ctrl-C, SIGTERM from Slurm) saves the last finished step and returns 130.
+    Under torchrun rank 0 validates, logs and saves; a stop request on any process stops them all
+    after the same step."""
+    args, dist = run.args, run.dist
+    writer = LazyWriter(run.logs_dir if dist.is_main else None, purge_step=run.start_step)
     progress = Progress(run.start_step, run.total_steps, args.log_steps)
     step, t0, saved = run.start_step, time.time(), run.start_step
     run.model.train()
     try:
-        while step < run.total_steps and not stop.requested:
+        while step < run.total_steps:
             batch = next(run.batches)
             loss, comps, lr = train_step(run, batch, step)
             step += 1
-            progress.update(step, loss.item(), shown_components(comps))
-            if step % 10 == 0 or step == run.total_steps:
-                log_step(writer, step, lr, comps)
             val, best = None, run.best
             if run.val_loader is not None and (step % args.val_steps == 0 or step == run.total_steps):
                 val = run_validation(run, writer, progress, step)
-            if step % args.save_steps == 0 or step == run.total_steps or run.best is not best or stop.requested:
+            loss, comps, flags = step_summary(run, loss, comps, stop.requested, run.best is not best)
+            stopping, improved = flags
+            progress.update(step, loss, shown_components(comps))
+            if step % 10 == 0 or step == run.total_steps:
+                log_step(writer, step, lr, comps)
+            if step % args.save_steps == 0 or step == run.total_steps or improved or stopping:
                 run.checkpoint(step, val)
                 saved = step
+            if stopping:
+                stop.requested = True
+                break
     except KeyboardInterrupt:
         print(f"interrupted at step {step}: quit without saving (last checkpoint: step {saved})", file=sys.stderr)
         return 130
@@ -276,16 +326,49 @@ def train_loop(run: Run, stop: StopRequest) -> int:
     return 0
 
 
+def step_summary(run: Run, loss, comps: dict, *flags: bool) -> tuple:
+    """``(loss, components, flags)`` of a finished step over all processes (one all-reduce under
+    torchrun): the loss and the batch-sum components summed (the values one process with the whole
+    batch reports), the others (:data:`~network.training.MEAN_COMPONENTS`) averaged, and each flag
+    raised on any process."""
+    keys = sorted(comps)
+    values = [_number(loss)] + [_number(comps[k]) for k in keys] + [1.0 if f else 0.0 for f in flags]
+    values = run.dist.mean(values)
+    n, world = 1 + len(keys), run.dist.world_size
+    total = {k: v if k in MEAN_COMPONENTS else v * world for k, v in zip(keys, values[1:n])}
+    return values[0] * world, total, [v > 0 for v in values[n:]]
+
+
+def _number(value) -> float:
+    return float(value.detach()) if torch.is_tensor(value) else float(value)
+
+
+def check_batch_split(args, dist: Distributed) -> None:
+    if dist.enabled and args.batch % dist.world_size:
+        raise RunError(f"--batch {args.batch}: the global batch must split evenly over the {dist.world_size} "
+                       f"processes torchrun started (e.g. --batch {dist.world_size * max(1, args.batch // dist.world_size)})")
+
+
 def train(args, explicit: set, names: dict, argv: list) -> int:
     """One training run from ``train.py``'s parsed flags (``explicit``: the flags given on the command
     line; ``names``: dest -> flag for messages; ``argv``: recorded in the checkpoints). Returns the exit
-    status: 0 done, 130 stopped by a signal (the last finished step saved)."""
+    status: 0 done, 130 stopped by a signal (the last finished step saved). Under ``torchrun`` every
+    process runs this; rank 0 prints, locks the run folder and writes checkpoints and logs."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.gpu)
+    dist, device = from_environment(args.gpu, argv, "train.py")
+    if not dist.is_main:
+        sys.stdout = open(os.devnull, "w")           # one voice: rank 0 (errors still reach stderr)
+    status = _train(args, explicit, names, argv, dist, device)
+    dist.close()
+    return status
+
+
+def _train(args, explicit, names, argv, dist: Distributed, device) -> int:
     state = resume_state(args, explicit, names)
     if not args.dataset:
         raise RunError("no dataset: pass -d path/to/dataset.json")
+    check_batch_split(args, dist)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     dataset = open_dataset(args.dataset, paired=args.paired, splits=["1"], crop=tuple(args.crop) if args.crop else None)
@@ -293,19 +376,24 @@ def train(args, explicit: set, names: dict, argv: list) -> int:
     model = model.to(device)
     if args.output is None:
         args.output = (os.path.basename(os.path.dirname(os.path.abspath(state["path"]))) if state is not None
-                       else f"{time.strftime('%b%d-%H%M')}_{config.n_cascades}cas_{config.base_network}")
-    run = Run(args, state, dataset, config, model, device)
-    run.commands = list((state or {}).get("commands") or []) + [shlex.join(["python", "train.py"] + list(argv))]
-    if state is not None and run.start_step >= run.total_steps:
-        raise RunError(f"{state['path']}: the run is already at step {run.start_step} of its {run.total_steps} steps "
-                       f"(--epochs and --steps are totals); pass a larger --epochs or --steps to train further")
-    logs_existed = os.path.exists(run.logs_dir)
-    lock = open_run_folder(args, state, run.weights_dir, run.logs_dir)
+                       else dist.broadcast(f"{time.strftime('%b%d-%H%M')}_{config.n_cascades}cas_{config.base_network}"))
+    if state is not None and int(state["step"]) >= (args.steps if args.steps is not None
+                                                    else int(round(args.round * args.epochs))):
+        raise RunError(f"{state['path']}: the run is already at step {int(state['step'])} of its "
+                       f"{args.steps or int(round(args.round * args.epochs))} steps (--epochs and --steps are totals); "
+                       f"pass a larger --epochs or --steps to train further")
+    weights_dir, logs_dir = os.path.join("weights", args.output), os.path.join("logs", args.output)
+    logs_existed = os.path.exists(logs_dir)
+    lock = open_run_folder(args, state, weights_dir, logs_dir) if dist.is_main else None
+    dist.barrier()                                   # the folder is locked and clean before anyone goes on
     try:
+        run = Run(args, state, dataset, config, model, device, dist)
+        run.commands = list((state or {}).get("commands") or []) + [shlex.join(launcher(dist) + list(argv))]
         print(f"model: preset={config.preset} base={config.base_network} n={config.n_cascades} rep={config.rep} "
               f"affine={config.affine} size={config.image_size} params={run.n_params:,}")
-        print(f"training steps {run.start_step} -> {run.total_steps}, batch {args.batch}, lr {run.base_lr:g} "
-              f"({args.lr_schedule}), device {device}, output {run.weights_dir}")
+        per = f" ({args.batch // dist.world_size} on each of {dist.world_size} processes, {dist.backend})" if dist.enabled else ""
+        print(f"training steps {run.start_step} -> {run.total_steps}, batch {args.batch}{per}, lr {run.base_lr:g} "
+              f"({args.lr_schedule}), device {device}, amp {args.amp}, output {run.weights_dir}")
         prepare_run(run, state)
         stop = StopRequest()
         previous = stop.install()
@@ -315,13 +403,21 @@ def train(args, explicit: set, names: dict, argv: list) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     finally:
-        lock.release()
-        if not logs_existed and not os.path.isdir(run.weights_dir):     # a failed start leaves no logs either
-            shutil.rmtree(run.logs_dir, ignore_errors=True)
-            for folder in ("logs", "weights"):
-                if os.path.isdir(folder) and not os.listdir(folder):
-                    os.rmdir(folder)
+        if lock is not None:
+            lock.release()
+            if not logs_existed and not os.path.isdir(weights_dir):     # a failed start leaves no logs either
+                shutil.rmtree(logs_dir, ignore_errors=True)
+                for folder in ("logs", "weights"):
+                    if os.path.isdir(folder) and not os.listdir(folder):
+                        os.rmdir(folder)
 
 
-__all__ = ["train", "Run", "prepare_run", "train_step", "train_loop", "run_validation", "resume_state",
+def launcher(dist: Distributed) -> list:
+    """How this run was started, for the checkpoint's command history."""
+    if dist.enabled:
+        return ["torchrun", f"--nproc_per_node={int(os.environ.get('LOCAL_WORLD_SIZE', dist.world_size))}", "train.py"]
+    return ["python", "train.py"]
+
+
+__all__ = ["train", "Run", "shard_loader", "restore_random_state", "step_summary", "check_batch_split", "prepare_run", "train_step", "train_loop", "run_validation", "resume_state",
            "make_model", "open_run_folder", "lr_scheduler", "StopRequest", "input_normalisation"]

@@ -285,6 +285,7 @@ class Distiller:
         self.critic = None
         self.optimizer = None
         self.balance = GradientBalance(config.ratio, config.ema)
+        self.comm = None        # under torchrun: averages critic gradients and gradient norms over processes
         if config.mode == "aldk":
             self.critic = FlowCritic(image_size, config.critic_channels, kernel=config.critic_kernel,
                                      conditional=config.conditional).to(device)
@@ -321,6 +322,8 @@ class Distiller:
                 raise FloatingPointError(f"critic loss became {float(loss)}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.comm is not None:
+                self.comm.average_gradients(self.critic)
             self.optimizer.step()
         return {"critic": loss.detach(), "gp": gp.detach(), "wdist": wdist.detach(),
                 "critic_real": real.detach().mean(), "critic_fake": fake.detach().mean()}
@@ -365,6 +368,9 @@ class Distiller:
                 weight = float(c.weight)
             else:
                 g_rec, g_distill = flow_gradient_norm(rec_loss, student_flow), flow_gradient_norm(term, student_flow)
+                if self.comm is not None:         # the norms over the whole batch, as one process would measure
+                    squares = self.comm.mean([g_rec ** 2, g_distill ** 2])
+                    g_rec, g_distill = (math.sqrt(v * self.comm.world_size) for v in squares)
                 weight = self.balance.update(g_rec, g_distill)
                 comps["grad_rec"], comps["grad_distill"] = torch.tensor(g_rec), torch.tensor(g_distill)
             weight = weight if self.active(step) else 0.0

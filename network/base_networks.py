@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ToolkitError
-from .layers import Conv3d, integrate_spatial_gradient, upsample_flow
+from .layers import Conv3d, float32_math, integrate_spatial_gradient, upsample_flow
 
 
 class SizeError(ToolkitError, ValueError):
@@ -222,6 +222,7 @@ class VTN(nn.Module):
         return {"flow": self.final(net) * (20.0 * self.flow_multiplier)}
 
 
+@float32_math
 def affine_flow(W: torch.Tensor, b: torch.Tensor, shape) -> torch.Tensor:
     """Displacement ``u(x) = W x + b`` on voxel coordinates centred on the volume: ``(B, 3, X, Y, Z)``."""
     axes = [torch.arange(s, device=W.device, dtype=W.dtype) - (s - 1) / 2.0 for s in shape]

@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .base_networks import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, SizeError, check_size
 from .choices import DEFAULT_CHANNELS, DEFAULT_PRESET, PRESETS
-from .layers import SpatialTransformer, compose_flows
+from .layers import SpatialTransformer, as_float32, compose_flows, float32_math
 
 @dataclass
 class ModelConfig:
@@ -68,6 +69,7 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+@float32_math
 def compose_stage(agg: torch.Tensor | None, flow: torch.Tensor, affine: dict | None = None) -> torch.Tensor:
     """Aggregate flow after a deformable stage: ``flow`` applied after ``agg`` (docs/conventions.md).
 
@@ -134,6 +136,7 @@ class RecursiveCascadeNetwork(nn.Module):
         self.cascades = nn.ModuleList(
             net(c.channels, c.flow_multiplier, **options) for _ in range(c.n_cascades * c.nets_per_cascade))
         self.transformer = SpatialTransformer()
+        self.activation_checkpointing = False      # how it trains, not what it is: not in the config
 
     @property
     def rep(self) -> int:
@@ -155,6 +158,18 @@ class RecursiveCascadeNetwork(nn.Module):
         check_size(fixed.shape[2:], self.stride, f"{self.config.base_network} ({self.config.preset})",
                    minimum=getattr(DEFORMABLE_NETWORKS[self.config.base_network], "min_size", None))
 
+    def _stem(self, net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor) -> dict:
+        """One stem's output, its tensors in float32 (they may be bfloat16 under autocast); with
+        ``activation_checkpointing`` its activations are recomputed in the backward pass."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            output = torch.utils.checkpoint.checkpoint(net, fixed, moving, use_reentrant=False)
+        else:
+            output = net(fixed, moving)
+        if fixed.is_floating_point() and torch.is_autocast_enabled(fixed.device.type):
+            output = {k: ([as_float32(x) for x in v] if isinstance(v, list) else as_float32(v))
+                      for k, v in output.items()}
+        return output
+
     def cascade(self, fixed: torch.Tensor, moving: torch.Tensor, rep: int | None = None):
         """The cascade loop (the only one: training, validation and the fast path all run it).
 
@@ -164,12 +179,12 @@ class RecursiveCascadeNetwork(nn.Module):
         """
         agg, affine, warped = None, None, moving
         if self.affine is not None:
-            affine = self.affine(fixed, moving)
+            affine = self._stem(self.affine, fixed, moving)
             agg = affine["flow"]
             warped = self.transformer(moving, agg)
             yield CascadeStage(flow=agg, agg=agg, warped=warped, deformable=False, output=affine)
         for k, net in enumerate(self.stages(rep)):
-            output = net(fixed, warped)
+            output = self._stem(net, fixed, warped)
             prior, after_affine = agg, (affine if k == 0 else None)
             agg = compose_stage(prior, output["flow"], after_affine)
             warped = self.transformer(moving, agg)

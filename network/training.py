@@ -22,7 +22,8 @@ from .metrics import score_batch, summarise
 
 # Flags that say where and how fast a run executes, not what it is: never restored. The run folder
 # (--output) is where the checkpoint lies, so a moved or copied run resumes in place.
-NOT_RESTORED = {"checkpoint", "gpu", "workers", "threads", "dataset", "output", "overwrite"}
+NOT_RESTORED = {"checkpoint", "gpu", "workers", "threads", "dataset", "output", "overwrite",
+                "activation_checkpointing"}
 # Flags fixed by the model in the checkpoint: they may not change on resume.
 ARCHITECTURE = {"base_network": "base_network", "n_cascades": "n_cascades", "preset": "preset",
                 "channels": "channels", "deep_supervision": "deep_supervision"}
@@ -104,8 +105,18 @@ def rcn_learning_rate(base: float, epoch: int) -> float:
 
 # ---- one step ----------------------------------------------------------------------------------
 
-def forward_and_loss(model, loss_fn, batch: dict, symmetric: bool = False):
-    """One training forward pass: ``(out, loss, components)``.
+def mixed_precision(device, amp: str = "off"):
+    """The autocast region of the networks' forward pass: ``amp="bf16"`` runs them in bfloat16 (warps,
+    compositions and the affine field stay float32, see :func:`network.layers.float32_math`);
+    ``"off"``: float32 throughout."""
+    if amp not in ("off", "bf16"):
+        raise ValueError(f"amp must be 'off' or 'bf16', got {amp!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def forward_and_loss(model, loss_fn, batch: dict, symmetric: bool = False, amp: str = "off"):
+    """One training forward pass: ``(out, loss, components)``; the loss is computed in float32 outside
+    the :func:`mixed_precision` region of the network.
 
     ``out`` registers the moving image (``voxel2``) to the fixed image (``voxel1``). With ``symmetric``
     the same network also registers fixed to moving (``model(voxel2, voxel1)``, labels swapped too) and
@@ -117,7 +128,8 @@ def forward_and_loss(model, loss_fn, batch: dict, symmetric: bool = False):
         valid = torch.as_tensor(batch["has_seg1"]).bool() & torch.as_tensor(batch["has_seg2"]).bool()
     results = []
     for f, m in directions:
-        out = model(batch[f"voxel{f}"], batch[f"voxel{m}"])
+        with mixed_precision(batch[f"voxel{f}"].device, amp):
+            out = model(batch[f"voxel{f}"], batch[f"voxel{m}"])
         loss, comps = loss_fn(batch[f"voxel{f}"], out, moving=batch[f"voxel{m}"], fixed_seg=batch.get(f"seg{f}"),
                               moving_seg=batch.get(f"seg{m}"), seg_valid=valid)
         results.append((out, loss, comps))
@@ -174,11 +186,13 @@ class LazyWriter:
     resumed run (``purge_step``) events a killed run wrote after its last checkpoint are dropped,
     so the curves continue without a doubled stretch."""
 
-    def __init__(self, log_dir: str, purge_step: int | None = None):
+    def __init__(self, log_dir: str | None, purge_step: int | None = None):
         self.log_dir, self.purge_step = log_dir, purge_step
         self._writer = None
 
     def _get(self):
+        if self.log_dir is None:            # a process other than rank 0 writes no logs
+            return None
         if self._writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -255,6 +269,10 @@ def log_step(writer, step: int, lr: float, comps: dict) -> None:
     writer.add_scalar("lr", lr, step)
 
 
+# Loss components that are not sums over the batch's pairs (weights, gradient norms, critic statistics):
+# averaged, not summed, over the processes of a distributed run.
+MEAN_COMPONENTS = frozenset({"gamma", "distill_weight", "grad_rec", "grad_distill", "critic", "gp", "wdist",
+                             "critic_real", "critic_fake"})
 SHOWN = ("sim", "dice", "rec_sim", "adv", "l2", "distill_weight", "wdist")
 
 
@@ -268,4 +286,4 @@ def _scalar(value) -> float:
 
 __all__ = ["restore_run_args", "SkipBatches", "resumed_loader", "learning_rate", "rcn_learning_rate",
            "forward_and_loss", "distillation_step", "validate", "LazyWriter", "Progress", "format_duration",
-           "log_step", "shown_components", "NOT_RESTORED", "ARCHITECTURE"]
+           "log_step", "shown_components", "mixed_precision", "MEAN_COMPONENTS", "NOT_RESTORED", "ARCHITECTURE"]
