@@ -108,6 +108,11 @@ def input_normalisation(dataset) -> str:
     return str(dataset.normalisation)
 
 
+def total_steps(args) -> int:
+    """The run's length in steps: ``--steps``, else ``--round`` x ``--epochs``."""
+    return args.steps if args.steps is not None else int(round(args.round * args.epochs))
+
+
 class Run:
     """Everything one training needs while it steps (built by :func:`main`)."""
 
@@ -120,7 +125,7 @@ class Run:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         self.start_step = int(state["step"]) if state is not None else 0
-        self.total_steps = args.steps if args.steps is not None else int(round(args.round * args.epochs))
+        self.total_steps = total_steps(args)
         self.base_lr = 5e-6 if args.finetune else args.lr
         self.weights_dir = os.path.join("weights", args.output)
         self.logs_dir = os.path.join("logs", args.output)
@@ -377,10 +382,9 @@ def _train(args, explicit, names, argv, dist: Distributed, device) -> int:
     if args.output is None:
         args.output = (os.path.basename(os.path.dirname(os.path.abspath(state["path"]))) if state is not None
                        else dist.broadcast(f"{time.strftime('%b%d-%H%M')}_{config.n_cascades}cas_{config.base_network}"))
-    if state is not None and int(state["step"]) >= (args.steps if args.steps is not None
-                                                    else int(round(args.round * args.epochs))):
+    if state is not None and int(state["step"]) >= total_steps(args):
         raise RunError(f"{state['path']}: the run is already at step {int(state['step'])} of its "
-                       f"{args.steps or int(round(args.round * args.epochs))} steps (--epochs and --steps are totals); "
+                       f"{total_steps(args)} steps (--epochs and --steps are totals); "
                        f"pass a larger --epochs or --steps to train further")
     weights_dir, logs_dir = os.path.join("weights", args.output), os.path.join("logs", args.output)
     logs_existed = os.path.exists(logs_dir)
