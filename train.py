@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16: networks under bfloat16 autocast; warping, composition, Jacobians and losses stay float32")
     s.add_argument("--activation_checkpointing", action="store_true",
-                   help="recompute each stem's activations in the backward pass instead of storing them "
-                        "(less memory, about one more forward pass of time; same results)")
+                   help="recompute each stage (network, flow composition, warp) in the backward pass instead of "
+                        "storing its tensors (less memory, about one more forward pass of time; same results)")
     r = p.add_argument_group("Learn2Reg hippocampus recipe (weak supervision, symmetric training)")
     r.add_argument("--dice_weight", type=nonneg_float, default=0.0,
                    help="weight of the soft Dice loss between warped one-hot moving labels and fixed labels "

@@ -324,7 +324,7 @@ def train_loop(run: Run, stop: StopRequest) -> int:
         return 130
     if stop.requested:
         print(f"stopped at step {step}: saved {os.path.join(run.weights_dir, f'ckpt_{step}.pt')}; "
-              f"resume with python train.py -c {run.weights_dir}")
+              f"resume with {shlex.join(launcher(run.dist))} -c {run.weights_dir}")
         return 130
     print(f"done: steps {run.start_step} -> {step} ({step - run.start_step} this run) in {time.time() - t0:.1f} s; "
           f"checkpoint {os.path.join(run.weights_dir, f'ckpt_{step}.pt')}")

@@ -9,8 +9,8 @@ backward pass, and on a GPU the peak memory of one step.
 Arms: ``fp32``, ``bf16`` (``train.py --amp bf16``), and each with activation checkpointing
 (``--activation_checkpointing``). One model and one optimiser serve every arm (speed and memory do
 not depend on the weights). "Saved for backward" sums the distinct tensor storages autograd keeps
-from the forward to the backward pass (exact, the same on any device: the memory activation
-checkpointing trades for recomputation). "Peak" is ``torch.cuda.max_memory_allocated`` above the
+from the forward to the backward pass, the model's parameters excluded (exact, the same on any
+device: the memory activation checkpointing trades for recomputation). "Peak" is ``torch.cuda.max_memory_allocated`` above the
 allocation before the step (weights, gradients and Adam state excluded), on a GPU only: on the CPU
 the allocator keeps freed memory, so the process's RSS does not show one step's peak. An arm that
 runs out of GPU memory is reported as such. Writes the table as Markdown and JSON.
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from network import ModelConfig, RegistrationLoss, build_model, count_parameters  # noqa: E402
-from network.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
+from network.cli import ArgumentParser, fail, nonneg_int, positive_int  # noqa: E402
 from network.outputs import atomic_write_text  # noqa: E402
 from network.training import forward_and_loss  # noqa: E402
 
@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=positive_int, default=1, help="pairs per step")
     p.add_argument("--runs", type=positive_int, default=3, help="timed steps per arm (median reported)")
     p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed steps per arm first")
+    p.add_argument("--arms", default=",".join(name for name, _, _ in ARMS),
+                   help="comma-separated arms to run, from: " + ", ".join(name for name, _, _ in ARMS))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: PyTorch's)")
     p.add_argument("--json", default=os.path.join("evaluate", "training_cost.json"), help="where to write the results")
@@ -65,13 +67,17 @@ def make_step(model, optimizer, batch, amp: str, checkpointing: bool):
     return step
 
 
-def saved_for_backward_mib(step) -> float:
-    """MiB of distinct storages autograd saves for the backward pass during one ``step()``."""
+def saved_for_backward_mib(step, model) -> float:
+    """MiB of distinct storages autograd saves for the backward pass during one ``step()``, the
+    model's own parameters excluded (they are in memory anyway)."""
     storages = {}
+    weights = {(p.device, p.untyped_storage().data_ptr()) for p in model.parameters()}
 
     def pack(t):
         storage = t.untyped_storage()
-        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        key = (storage.device, storage.data_ptr())
+        if key not in weights:
+            storages[key] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -89,14 +95,14 @@ def peak_mib(step, device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
 
 
-def measure(steps: dict, args, device) -> dict:
+def measure(steps: dict, model, args, device) -> dict:
     """``{arm: {"s_per_step", "pairs_per_s", "saved_mib", "peak_mib"}}`` (``"error"``: the arm ran out of memory)."""
     out = {name: {"times": []} for name in steps}
     for name, step in steps.items():
         try:
             for _ in range(args.warmup):
                 step()
-            out[name]["saved_mib"] = saved_for_backward_mib(step)
+            out[name]["saved_mib"] = saved_for_backward_mib(step, model)
             out[name]["peak_mib"] = peak_mib(step, device)
         except torch.OutOfMemoryError:
             out[name] = {"error": "out of memory"}
@@ -129,6 +135,10 @@ def markdown(rows: dict, title: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    chosen = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(chosen) - {name for name, _, _ in ARMS})
+    if unknown or not chosen:
+        fail(f"--arms {args.arms}: unknown arm(s) {unknown}; choose from {', '.join(n for n, _, _ in ARMS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -141,8 +151,8 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     shape = (args.batch, 1) + (args.size,) * 3
     batch = {"voxel1": torch.rand(shape, generator=g).to(device), "voxel2": torch.rand(shape, generator=g).to(device)}
-    steps = {name: make_step(model, optimizer, batch, amp, ckpt) for name, amp, ckpt in ARMS}
-    rows = measure(steps, args, device)
+    steps = {name: make_step(model, optimizer, batch, amp, ckpt) for name, amp, ckpt in ARMS if name in chosen}
+    rows = measure(steps, model, args, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     title = (f"Training step: VTN affine + {args.cascades} VTN (c={args.channels}, {count_parameters(model):,} params), "
              f"{args.size}^3, batch {args.batch}, {where}")

@@ -159,16 +159,29 @@ class RecursiveCascadeNetwork(nn.Module):
                    minimum=getattr(DEFORMABLE_NETWORKS[self.config.base_network], "min_size", None))
 
     def _stem(self, net: nn.Module, fixed: torch.Tensor, moving: torch.Tensor) -> dict:
-        """One stem's output, its tensors in float32 (they may be bfloat16 under autocast); with
-        ``activation_checkpointing`` its activations are recomputed in the backward pass."""
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            output = torch.utils.checkpoint.checkpoint(net, fixed, moving, use_reentrant=False)
-        else:
-            output = net(fixed, moving)
+        """One stem's output, its tensors in float32 (they may be bfloat16 under autocast)."""
+        output = net(fixed, moving)
         if fixed.is_floating_point() and torch.is_autocast_enabled(fixed.device.type):
             output = {k: ([as_float32(x) for x in v] if isinstance(v, list) else as_float32(v))
                       for k, v in output.items()}
         return output
+
+    def _affine_stage(self, fixed, moving):
+        affine = self._stem(self.affine, fixed, moving)
+        return affine, self.transformer(moving, affine["flow"])
+
+    def _deformable_stage(self, net, fixed, moving, warped, prior, after_affine):
+        output = self._stem(net, fixed, warped)
+        agg = compose_stage(prior, output["flow"], after_affine)
+        return output, agg, self.transformer(moving, agg)
+
+    def _run(self, stage, *args):
+        """``stage(*args)``; with ``activation_checkpointing`` (and autograd on) its intermediate
+        tensors -- the network's activations and the full-resolution warp and composition -- are
+        recomputed in the backward pass instead of stored."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(stage, *args, use_reentrant=False)
+        return stage(*args)
 
     def cascade(self, fixed: torch.Tensor, moving: torch.Tensor, rep: int | None = None):
         """The cascade loop (the only one: training, validation and the fast path all run it).
@@ -179,15 +192,12 @@ class RecursiveCascadeNetwork(nn.Module):
         """
         agg, affine, warped = None, None, moving
         if self.affine is not None:
-            affine = self._stem(self.affine, fixed, moving)
+            affine, warped = self._run(self._affine_stage, fixed, moving)
             agg = affine["flow"]
-            warped = self.transformer(moving, agg)
             yield CascadeStage(flow=agg, agg=agg, warped=warped, deformable=False, output=affine)
         for k, net in enumerate(self.stages(rep)):
-            output = self._stem(net, fixed, warped)
             prior, after_affine = agg, (affine if k == 0 else None)
-            agg = compose_stage(prior, output["flow"], after_affine)
-            warped = self.transformer(moving, agg)
+            output, agg, warped = self._run(self._deformable_stage, net, fixed, moving, warped, prior, after_affine)
             yield CascadeStage(flow=output["flow"], agg=agg, warped=warped, deformable=True, output=output,
                                prior=prior, after_affine=after_affine)
 
