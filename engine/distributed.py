@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from network.errors import RunError
+from network.training import ShardBatches  # noqa: F401  (re-exported: the sampler of a distributed run)
 
 
 @dataclass
@@ -137,21 +138,6 @@ def from_environment(gpu: str, argv: list | None = None, script: str = "train.py
         backend = "nccl"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return Distributed(rank, world, local_rank, backend), device
-
-
-class ShardBatches(torch.utils.data.Sampler):
-    """This process's share of every batch of ``sampler`` (a batch sampler of global batches):
-    items ``[rank * b, (rank + 1) * b)`` with ``b = len(batch) / world_size``."""
-
-    def __init__(self, sampler, rank: int, world_size: int):
-        self.sampler, self.rank, self.world_size = sampler, int(rank), int(world_size)
-
-    def __iter__(self):
-        for batch in self.sampler:
-            if len(batch) % self.world_size:
-                raise RunError(f"batch of {len(batch)} pairs does not split over {self.world_size} processes")
-            share = len(batch) // self.world_size
-            yield batch[self.rank * share:(self.rank + 1) * share]
 
 
 def launch_command(argv: list, script: str, n_processes: int) -> str:

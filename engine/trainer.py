@@ -20,7 +20,7 @@ import torch
 
 from data_util import augment_moving, augment_pair_affine, open_dataset
 from engine.distillation import setup_distillation
-from engine.distributed import Distributed, ShardBatches, from_environment
+from engine.distributed import Distributed, from_environment
 from network import (DEFAULT_CHANNELS, DEFAULT_PRESET, ModelConfig, RegistrationLoss, SizeError, build_model,
                      count_parameters, load_checkpoint, save_checkpoint)
 from network.checkpoint import (RunLock, list_checkpoints, load_weights, prune_checkpoints, restore_rng_state,
@@ -29,7 +29,7 @@ from network.cli import stored_dataset, to_device
 from network.errors import RunError
 from network.outputs import clean_stale_temps
 from network.training import (MEAN_COMPONENTS, LazyWriter, Progress, distillation_step, forward_and_loss, learning_rate, log_step,
-                              restore_run_args, resumed_loader, shown_components, validate)
+                              restore_run_args, resumed_loader, scalar, shown_components, validate)
 
 
 def lr_scheduler(optimizer, base_lr: float, start_step: int, round_steps: int, schedule: str):
@@ -184,7 +184,7 @@ def prepare_run(run: Run, state) -> None:
     run.augment = "none" if args.no_augment or flows is not None else args.augment
     loader = dataset.loader("1", args.batch, loop=True, num_workers=args.workers,
                                  seed=args.seed, pairs=pairs, teacher_flows=flows)
-    run.train_loader = shard_loader(resumed_loader(loader, run.start_step), run.dist)
+    run.train_loader = resumed_loader(loader, run.start_step, run.dist.rank, run.dist.world_size)
     run.val_loader = None
     if args.val_steps > 0 and "2" in dataset.scheme_names and run.dist.is_main:
         dataset.validate(["2"])
@@ -196,16 +196,6 @@ def prepare_run(run: Run, state) -> None:
     run.batches = iter(run.train_loader)        # draws the loader's seed before the RNG is restored, as in a fresh run
     if state is not None:
         restore_random_state(run, state)
-
-
-def shard_loader(loader, dist: Distributed):
-    """``loader`` (an infinite training loader of global batches) giving this process its share of each."""
-    if not dist.enabled:
-        return loader
-    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=ShardBatches(loader.batch_sampler, dist.rank,
-                                                                                    dist.world_size),
-                                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                                       pin_memory=loader.pin_memory)
 
 
 def restore_random_state(run: Run, state: dict) -> None:
@@ -337,15 +327,11 @@ def step_summary(run: Run, loss, comps: dict, *flags: bool) -> tuple:
     batch reports), the others (:data:`~network.training.MEAN_COMPONENTS`) averaged, and each flag
     raised on any process."""
     keys = sorted(comps)
-    values = [_number(loss)] + [_number(comps[k]) for k in keys] + [1.0 if f else 0.0 for f in flags]
+    values = [scalar(loss)] + [scalar(comps[k]) for k in keys] + [1.0 if f else 0.0 for f in flags]
     values = run.dist.mean(values)
     n, world = 1 + len(keys), run.dist.world_size
     total = {k: v if k in MEAN_COMPONENTS else v * world for k, v in zip(keys, values[1:n])}
     return values[0] * world, total, [v > 0 for v in values[n:]]
-
-
-def _number(value) -> float:
-    return float(value.detach()) if torch.is_tensor(value) else float(value)
 
 
 def check_batch_split(args, dist: Distributed) -> None:
@@ -423,5 +409,5 @@ def launcher(dist: Distributed) -> list:
     return ["python", "train.py"]
 
 
-__all__ = ["train", "Run", "shard_loader", "restore_random_state", "step_summary", "check_batch_split", "prepare_run", "train_step", "train_loop", "run_validation", "resume_state",
+__all__ = ["train", "Run", "restore_random_state", "step_summary", "check_batch_split", "prepare_run", "train_step", "train_loop", "run_validation", "resume_state",
            "make_model", "open_run_folder", "lr_scheduler", "StopRequest", "input_normalisation"]

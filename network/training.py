@@ -79,12 +79,30 @@ class SkipBatches(torch.utils.data.Sampler):
         return itertools.islice(iter(self.sampler), self.skip, None)
 
 
-def resumed_loader(loader, skip: int):
-    """``loader`` (an infinite training DataLoader with a batch sampler) continuing after ``skip``
-    batches."""
-    if skip <= 0:
+class ShardBatches(torch.utils.data.Sampler):
+    """This process's share of every batch of ``sampler`` (a batch sampler of global batches):
+    items ``[rank * b, (rank + 1) * b)`` with ``b = len(batch) / world_size``."""
+
+    def __init__(self, sampler, rank: int, world_size: int):
+        self.sampler, self.rank, self.world_size = sampler, int(rank), int(world_size)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            if len(batch) % self.world_size:
+                raise RunError(f"batch of {len(batch)} pairs does not split over {self.world_size} processes")
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share:(self.rank + 1) * share]
+
+
+def resumed_loader(loader, skip: int, rank: int = 0, world_size: int = 1):
+    """``loader`` (an infinite training DataLoader with a batch sampler of global batches) continuing
+    after ``skip`` batches, giving process ``rank`` of ``world_size`` its share of each."""
+    if skip <= 0 and world_size == 1:
         return loader
-    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=SkipBatches(loader.batch_sampler, skip),
+    sampler = SkipBatches(loader.batch_sampler, skip) if skip > 0 else loader.batch_sampler
+    if world_size > 1:
+        sampler = ShardBatches(sampler, rank, world_size)
+    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=sampler,
                                        num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                                        pin_memory=loader.pin_memory)
 
@@ -265,7 +283,7 @@ class Progress:
 
 def log_step(writer, step: int, lr: float, comps: dict) -> None:
     for k, v in comps.items():
-        writer.add_scalar(f"loss/{k}", _scalar(v), step)
+        writer.add_scalar(f"loss/{k}", scalar(v), step)
     writer.add_scalar("lr", lr, step)
 
 
@@ -277,13 +295,13 @@ SHOWN = ("sim", "dice", "rec_sim", "adv", "l2", "distill_weight", "wdist")
 
 
 def shown_components(comps: dict) -> dict:
-    return {k: _scalar(comps[k]) for k in SHOWN if k in comps}
+    return {k: scalar(comps[k]) for k in SHOWN if k in comps}
 
 
-def _scalar(value) -> float:
+def scalar(value) -> float:
     return float(value.detach()) if torch.is_tensor(value) else float(value)
 
 
-__all__ = ["restore_run_args", "SkipBatches", "resumed_loader", "learning_rate", "rcn_learning_rate",
+__all__ = ["restore_run_args", "SkipBatches", "ShardBatches", "resumed_loader", "scalar", "learning_rate", "rcn_learning_rate",
            "forward_and_loss", "distillation_step", "validate", "LazyWriter", "Progress", "format_duration",
            "log_step", "shown_components", "mixed_precision", "MEAN_COMPONENTS", "NOT_RESTORED", "ARCHITECTURE"]
