@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ToolkitError
-from .layers import Conv3d, float32_math, integrate_spatial_gradient, upsample_flow
+from .layers import Conv3d, float32_math, integrate_spatial_gradient, same_conv3d, upsample_flow
 
 
 class SizeError(ToolkitError, ValueError):
@@ -29,9 +29,10 @@ def check_size(shape, stride: int, name: str, minimum: int | None = None) -> Non
         raise SizeError(f"{name} needs every image size >= {minimum}; got {shape}")
 
 
-def conv_lrelu(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
-    """3D convolution (same padding) followed by LeakyReLU(0.1), as in the TF references."""
-    return nn.Sequential(Conv3d(cin, cout, kernel, stride, padding=kernel // 2),
+def conv_lrelu(cin: int, cout: int, stride: int = 1, kernel: int = 3, padding: str = "symmetric") -> nn.Sequential:
+    """3D convolution (same size: ``padding`` "symmetric" or TF's "tf", see
+    :func:`~network.layers.same_conv3d`) followed by LeakyReLU(0.1), as in the TF references."""
+    return nn.Sequential(same_conv3d(cin, cout, kernel, stride, padding=padding),
                          nn.LeakyReLU(0.1, inplace=True))
 
 
@@ -52,20 +53,21 @@ class UNetFlow(nn.Module):
     """Shared structure of ``VoxelMorph`` and ``LDR``: 4 stride-2 encoders, nearest-upsampling decoder.
 
     ``encoders``: 4 widths; ``decoders``: 7 widths ``[d4, d3, d2, d1, d1_1, d0, d_1]`` (RCN's layout).
+    ``padding="tf"`` pads the stride-2 convolutions the TensorFlow way (imported TF-1 weights).
     """
 
     stride = 16
 
-    def __init__(self, encoders, decoders, flow_multiplier: float = 1.0):
+    def __init__(self, encoders, decoders, flow_multiplier: float = 1.0, padding: str = "symmetric"):
         super().__init__()
         e, d = list(encoders), list(decoders)
         if len(e) != 4 or len(d) != 7:
             raise ValueError("UNetFlow needs 4 encoder widths and 7 decoder widths")
         self.flow_multiplier = flow_multiplier
-        self.conv1 = conv_lrelu(2, e[0], 2)
-        self.conv2 = conv_lrelu(e[0], e[1], 2)
-        self.conv3 = conv_lrelu(e[1], e[2], 2)
-        self.conv4 = conv_lrelu(e[2], e[3], 2)
+        self.conv1 = conv_lrelu(2, e[0], 2, padding=padding)
+        self.conv2 = conv_lrelu(e[0], e[1], 2, padding=padding)
+        self.conv3 = conv_lrelu(e[1], e[2], 2, padding=padding)
+        self.conv4 = conv_lrelu(e[2], e[3], 2, padding=padding)
         self.decode4 = conv_lrelu(e[3], d[0])
         self.decode3 = conv_lrelu(d[0] + e[2], d[1])
         self.decode2 = conv_lrelu(d[1] + e[1], d[2])
@@ -95,17 +97,17 @@ class UNetFlow(nn.Module):
 class VoxelMorph(UNetFlow):
     """RCN's VoxelMorph cascade: encoder c,2c,2c,2c; decoder 2c x5, c, c (300,547 params at c=16)."""
 
-    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0):
+    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0, padding: str = "symmetric"):
         c = channels
-        super().__init__([c, 2 * c, 2 * c, 2 * c], [2 * c] * 5 + [c, c], flow_multiplier)
+        super().__init__([c, 2 * c, 2 * c, 2 * c], [2 * c] * 5 + [c, c], flow_multiplier, padding)
 
 
 class LDR(UNetFlow):
     """LDR student cascade (LDR_ALDK code): encoder 2c,2c,2c,c; decoder 2c x4, c x3 (280,659 params at c=16)."""
 
-    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0):
+    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0, padding: str = "symmetric"):
         c = channels
-        super().__init__([2 * c, 2 * c, 2 * c, c], [2 * c] * 4 + [c, c, c], flow_multiplier)
+        super().__init__([2 * c, 2 * c, 2 * c, c], [2 * c] * 4 + [c, c, c], flow_multiplier, padding)
 
 
 class Lite(nn.Module):
@@ -169,14 +171,14 @@ class Lite(nn.Module):
         return {"flow": upsample_flow(flow, 2 ** self.flow_level)}
 
 
-def vtn_encoder(c: int) -> nn.ModuleDict:
+def vtn_encoder(c: int, padding: str = "symmetric") -> nn.ModuleDict:
     """VTN encoder conv1..conv6_1, widths c..32c, total stride 64."""
     widths = [("conv1", 2, c, 2), ("conv2", c, 2 * c, 2),
               ("conv3", 2 * c, 4 * c, 2), ("conv3_1", 4 * c, 4 * c, 1),
               ("conv4", 4 * c, 8 * c, 2), ("conv4_1", 8 * c, 8 * c, 1),
               ("conv5", 8 * c, 16 * c, 2), ("conv5_1", 16 * c, 16 * c, 1),
               ("conv6", 16 * c, 32 * c, 2), ("conv6_1", 32 * c, 32 * c, 1)]
-    return nn.ModuleDict({name: conv_lrelu(cin, cout, s) for name, cin, cout, s in widths})
+    return nn.ModuleDict({name: conv_lrelu(cin, cout, s, padding=padding) for name, cin, cout, s in widths})
 
 
 def up4(cin: int, cout: int) -> nn.ConvTranspose3d:
@@ -189,11 +191,11 @@ class VTN(nn.Module):
 
     stride = 64
 
-    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0):
+    def __init__(self, channels: int = 16, flow_multiplier: float = 1.0, padding: str = "symmetric"):
         super().__init__()
         c = channels
         self.flow_multiplier = flow_multiplier
-        self.encoder = vtn_encoder(c)
+        self.encoder = vtn_encoder(c, padding)
         # decoder level k: pred_k (3^3 conv -> 3), upsamp (4^3 transposed 3 -> 3), deconv (4^3 transposed + LReLU)
         skips = [16 * c, 8 * c, 4 * c, 2 * c, c]        # conv5_1, conv4_1, conv3_1, conv2, conv1
         cin = 32 * c
@@ -256,11 +258,11 @@ class VTNAffine(nn.Module):
 
     stride = 64
 
-    def __init__(self, image_size, channels: int = 16, flow_multiplier: float = 1.0):
+    def __init__(self, image_size, channels: int = 16, flow_multiplier: float = 1.0, padding: str = "symmetric"):
         super().__init__()
         self.image_size = tuple(int(s) for s in image_size)
         check_size(self.image_size, self.stride, "VTNAffine", minimum=self.stride)
-        self.encoder = vtn_encoder(channels)
+        self.encoder = vtn_encoder(channels, padding)
         self.head = _AffineHead(32 * channels, [s // 64 for s in self.image_size], flow_multiplier)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> dict:
@@ -281,13 +283,13 @@ class LDRAffine(nn.Module):
 
     stride = 16
 
-    def __init__(self, image_size, channels: int = 16, flow_multiplier: float = 1.0):
+    def __init__(self, image_size, channels: int = 16, flow_multiplier: float = 1.0, padding: str = "symmetric"):
         super().__init__()
         self.image_size = tuple(int(s) for s in image_size)
         check_size(self.image_size, self.stride, "LDRAffine", minimum=48)
         c = channels
-        self.convs = nn.Sequential(conv_lrelu(2, c, 2), conv_lrelu(c, 2 * c, 2),
-                                   conv_lrelu(2 * c, 4 * c, 2), conv_lrelu(4 * c, 8 * c, 2))
+        self.convs = nn.Sequential(*(conv_lrelu(cin, cout, 2, padding=padding)
+                                     for cin, cout in ((2, c), (c, 2 * c), (2 * c, 4 * c), (4 * c, 8 * c))))
         pooled = [(s // 16 - 3) // 2 + 1 for s in self.image_size]
         self.head = _AffineHead(8 * c, pooled, flow_multiplier)
 
@@ -394,6 +396,8 @@ class SpatialGradientNet(nn.Module):
 DEFORMABLE_NETWORKS = {"LDR": LDR, "VTN": VTN, "VoxelMorph": VoxelMorph, "Lite": Lite,
                        "SpatialGradient": SpatialGradientNet}
 AFFINE_NETWORKS = {"VTNAffine": VTNAffine, "LDRAffine": LDRAffine}
+# networks that take ``padding="tf"`` (the TF-1 references' layers, for imported weights)
+TF_PADDING_NETWORKS = ("LDR", "VTN", "VoxelMorph", "VTNAffine", "LDRAffine")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -67,6 +67,11 @@ def resolve_checkpoint(spec: str) -> str:
         raise CheckpointError(f"{folder}: checkpoint folder or file not found")
     found = list_checkpoints(folder)
     if not found:
+        from .tf_bundle import is_tf_folder
+
+        if is_tf_folder(folder):
+            raise CheckpointError(f"{folder}: a TensorFlow-1 checkpoint folder; convert it once with "
+                                  f"'python import_tf.py {folder}' and use {folder.rstrip(os.sep)}-pt")
         raise CheckpointError(f"{folder}: no ckpt_<step>.pt files in this folder")
     if step is None:
         return found[max(found)]

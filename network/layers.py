@@ -104,6 +104,38 @@ class Conv3d(nn.Conv3d):
         return super()._conv_forward(input, weight, bias)
 
 
+PADDINGS = ("symmetric", "tf")
+
+
+class TFSameConv3d(Conv3d):
+    """:class:`Conv3d` with TensorFlow's ``"SAME"`` padding, for weights imported from TF-1 checkpoints.
+
+    TF pads ``max((ceil(n / s) - 1) * s + k - n, 0)`` voxels per axis and puts the odd one *after*
+    the data: a 3^3 stride-2 convolution of an even size pads (0, 1), where PyTorch's ``padding=1``
+    pads (1, 1) and so samples a grid shifted by one voxel. Stride-1 convolutions are the same in both.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, bias: bool = True):
+        super().__init__(cin, cout, kernel, stride, padding=0, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for n, k, s in zip(reversed(x.shape[2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((-(-int(n) // s) - 1) * s + k - int(n), 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads) if any(pads) else x)
+
+
+def same_conv3d(cin: int, cout: int, kernel: int = 3, stride: int = 1, bias: bool = True,
+                padding: str = "symmetric") -> Conv3d:
+    """A "same"-size convolution: PyTorch's symmetric ``kernel // 2`` padding, or TF's (``"tf"``)."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if padding == "tf":
+        return TFSameConv3d(cin, cout, kernel, stride, bias=bias)
+    return Conv3d(cin, cout, kernel, stride, padding=kernel // 2, bias=bias)
+
+
 _BASE_GRIDS: dict = {}
 
 

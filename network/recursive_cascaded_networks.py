@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from .base_networks import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, SizeError, check_size
+from .base_networks import AFFINE_NETWORKS, DEFORMABLE_NETWORKS, TF_PADDING_NETWORKS, SizeError, check_size
 from .choices import DEFAULT_CHANNELS, DEFAULT_PRESET, PRESETS
-from .layers import SpatialTransformer, as_float32, compose_flows, float32_math
+from .layers import PADDINGS, SpatialTransformer, as_float32, compose_flows, float32_math
 
 @dataclass
 class ModelConfig:
@@ -31,6 +31,7 @@ class ModelConfig:
     channels: int = 16
     rep: int = 1
     deep_supervision: bool = False                     # SpatialGradient only
+    padding: str = "symmetric"                         # "tf": TF-1 "SAME" padding (imported weights)
     affine: str | None = field(default=None)          # filled from the preset
     nets_per_cascade: int = 0                          # filled from the preset
     flow_multiplier: float = 0.0                       # filled from the preset
@@ -47,6 +48,10 @@ class ModelConfig:
             raise ValueError(f"deep supervision is only available for SpatialGradient, not {self.base_network}")
         if self.n_cascades < 1 or self.rep < 1 or self.channels < 1:
             raise ValueError("n_cascades, rep and channels must be >= 1")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {self.padding!r}")
+        if self.padding == "tf" and self.base_network not in TF_PADDING_NETWORKS:
+            raise ValueError(f"padding 'tf' is for the TF-1 networks {TF_PADDING_NETWORKS}, not {self.base_network}")
         self.image_size = tuple(int(s) for s in self.image_size)
         if len(self.image_size) != 3:
             raise ValueError(f"image_size must have 3 entries, got {self.image_size}")
@@ -130,9 +135,11 @@ class RecursiveCascadeNetwork(nn.Module):
                           AFFINE_NETWORKS[c.affine].stride if c.affine else 1)
         check_size(c.image_size, self.stride, f"{c.base_network} ({c.preset})",
                    minimum=getattr(DEFORMABLE_NETWORKS[c.base_network], "min_size", None))
-        self.affine = (AFFINE_NETWORKS[c.affine](c.image_size, c.channels) if c.affine else None)
+        options = {"padding": c.padding} if c.padding != "symmetric" else {}
+        self.affine = (AFFINE_NETWORKS[c.affine](c.image_size, c.channels, **options) if c.affine else None)
         net = DEFORMABLE_NETWORKS[c.base_network]
-        options = {"deep_supervision": True} if c.deep_supervision else {}
+        if c.deep_supervision:
+            options["deep_supervision"] = True
         self.cascades = nn.ModuleList(
             net(c.channels, c.flow_multiplier, **options) for _ in range(c.n_cascades * c.nets_per_cascade))
         self.transformer = SpatialTransformer()
