@@ -24,20 +24,19 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 
 from data_util import open_dataset
 from data_util.volume_ops import uncrop_flow
 from data_util.submission import write_displacement
-from network import CheckpointError, SizeError, build_model, count_parameters, load_checkpoint
-from network.checkpoint import load_weights
+from engine.evaluation import evaluate_pairs, load_model
+from network import CheckpointError, count_parameters, load_checkpoint
 from network.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, run_name
 from network.outputs import OutputSet, atomic_write_text
 from network.inference import prepare, register, tune_allocator
-from network.metrics import METRIC_KEYS, score_batch, summarise, summarise_l2r
-from network.cli import explicit_dests, fail, resolve_device, stored_dataset, to_device
+from network.metrics import METRIC_KEYS, summarise, summarise_l2r
+from network.cli import explicit_dests, fail, resolve_device, stored_dataset
 from network.refine import register_pair
 from network.refine_cli import add_refine_args, network_start, refine_arg_error, refine_config
 
@@ -161,37 +160,6 @@ def render_csv(rows) -> str:
     return out.getvalue()
 
 
-def evaluate_pairs(model, loader, device, class_values, l2r_labels, args, submission, rows, times, progress):
-    """Register every pair of ``loader`` (timed fast path), appending metric rows and seconds per pair;
-    Learn2Reg scores as ``l2r_*`` keys when ``l2r_labels``; flows to ``submission`` when given."""
-    warmed = False
-    with torch.inference_mode():
-        for batch in progress(loader, disable=None, dynamic_ncols=True):
-            batch = to_device(batch, device)
-            if not warmed:
-                register(model, batch["voxel1"], batch["voxel2"])
-                warmed = True
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            flow = register(model, batch["voxel1"], batch["voxel2"])["flow"]
-            if args.refine is not None:
-                flow = refine_batch(args, model, batch, flow)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t) / flow.shape[0]
-            times.append(dt)
-            batch_rows = score_batch(batch, flow, class_values, args.spacing, l2r_labels, args.sdlogj_offset)
-            for i, r in enumerate(batch_rows):
-                r["seconds"] = dt
-                rows.append(r)
-                if submission is not None:
-                    try:
-                        submission.add(batch, i, flow[i])
-                    except ValueError as e:
-                        fail(f"{args.submission}: {e}")
-
-
 def refine_batch(args, model, batch, flow):
     """Each pair's network flow refined by instance optimisation (``--refine``)."""
     config = refine_config(args, with_network=True)
@@ -223,19 +191,6 @@ def default_name(args, state, split: str, dataset_path: str) -> str:
     if args.refine is not None:
         name += f"-refine{args.refine}"
     return name
-
-
-def load_model(state: dict, config: dict, dataset):
-    """The checkpoint's model with its weights, checked against the dataset's image size."""
-    try:
-        model = build_model(config)
-    except (SizeError, ValueError) as e:
-        fail(f"{state['path']}: {str(e).splitlines()[0]}")
-    load_weights(model, state)
-    if tuple(dataset.image_size) != tuple(model.config.image_size):
-        fail(f"{state['path']}: dataset size {tuple(dataset.image_size)} differs from the model's "
-             f"{tuple(model.config.image_size)}")
-    return model
 
 
 def write_results(out: OutputSet, name: str, rows, summary, info, l2r_summary) -> None:
@@ -279,9 +234,19 @@ def main(argv=None):
           f"on '{split}': {dataset.num_pairs(split) if args.limit is None else args.limit} pairs")
 
     from tqdm import tqdm
-    rows, times = [], []
+    def add_to_submission(batch, i, flow):
+        try:
+            submission.add(batch, i, flow)
+        except ValueError as e:
+            fail(f"{args.submission}: {e}")
+
     try:
-        evaluate_pairs(model, loader, device, class_values, l2r_labels, args, submission, rows, times, tqdm)
+        rows, times = evaluate_pairs(
+            model, loader, device, class_values, l2r_labels=l2r_labels, spacing=args.spacing,
+            sdlogj_offset=args.sdlogj_offset,
+            refine=(lambda batch, flow: refine_batch(args, model, batch, flow)) if args.refine is not None else None,
+            on_flow=add_to_submission if submission is not None else None,
+            progress=lambda loader: tqdm(loader, disable=None, dynamic_ncols=True))
         if not rows:
             fail(f"{dataset_path}: split '{split}' has no pairs")
         summary = summarise(rows)
