@@ -140,6 +140,9 @@ def infer_config(ckpt: TFCheckpoint, model_vars: dict, image_size=None, rep: int
         head = expect = None
         if base != "LDR" or deformable_kind(ckpt, by_stem["ldr_util"], "ldr_util") != ("LDR", channels):
             raise TFCheckpointError(f"{ckpt.prefix}: ldr_util is an LDR net of another width than the cascades")
+        if len(deform) != 1:
+            raise TFCheckpointError(f"{ckpt.prefix}: an LDR_ALDK liver model is ldr_util + deform_stem_0 (its code "
+                                    f"builds one cascade), but this checkpoint has {len(deform)} deformable stems")
     else:
         preset = "plain"
         head = expect = None

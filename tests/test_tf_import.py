@@ -24,7 +24,8 @@ from network import ModelConfig, build_model, count_parameters, load_checkpoint 
 from network.tf_bundle import TFCheckpoint, TFCheckpointError  # noqa: E402
 from network.tf_import import import_tf_checkpoint  # noqa: E402
 
-TOLERANCE = 1e-5          # relative to the largest |TF output|
+TOLERANCE = 1e-5          # relative to the largest |TF output|, one stem
+CASCADE_TOLERANCE = 5e-5  # the whole model's flow: stems chained through warps and compositions
 # published parameter counts at 128^3 (RCN and LDR_ALDK code, one stem each)
 PUBLISHED = {"VTNAffine": 14_166_288, "LDRAffine": 332_880, "VTN": 28_252_203, "VoxelMorph": 300_547,
              "LDR": 280_659}
@@ -38,6 +39,17 @@ CASES = {
     "ldr-brain": ([("ldr_util", "LDRAffine", 16, 1.0), ("deform_stem_0", "LDR", 16, 1.0)], 48,
                   ("ldr-brain", "LDR", 1)),
     "ldr-liver": ([("ldr_util", "LDR", 4, 0.5), ("deform_stem_0", "LDR", 4, 0.5)], 32, ("ldr-liver", "LDR", 1)),
+}
+
+
+# whole models: name -> (stems, size, rep); flow multipliers as above
+CASCADES = {
+    "rcn-vtn-2cas": ([("affine_stem", "VTNAffine", 16, 1.0), ("deform_stem_0", "VTN", 16, 0.5),
+                      ("deform_stem_1", "VTN", 16, 0.5)], 64, 1),
+    "rcn-voxelmorph-rep2": ([("affine_stem", "VTNAffine", 16, 1.0), ("deform_stem_0", "VoxelMorph", 16, 1.0)], 64, 2),
+    "ldr-brain-2cas": ([("ldr_util", "LDRAffine", 16, 1.0), ("deform_stem_0", "LDR", 16, 0.5),
+                        ("deform_stem_1", "LDR", 16, 0.5)], 48, 1),
+    "ldr-liver": ([("ldr_util", "LDR", 4, 0.5), ("deform_stem_0", "LDR", 4, 0.5)], 32, 1),
 }
 
 
@@ -100,8 +112,40 @@ def test_import_reproduces_tensorflow_forward(saved, case):
         ours = _ours(modules[stem], fixed, moving)
         for key, ref in reference[stem].items():
             rel = _rel(ours[key], ref)
+            print(f"{case} {stem} ({kind}) {key}: max |ours - TF| = {np.abs(ours[key] - ref).max():.2e}, "
+                  f"relative {rel:.2e} (max |TF| {np.abs(ref).max():.3g})")
             assert rel <= TOLERANCE, f"{case} {stem} ({kind}) {key}: relative max diff {rel:.2e}"
         assert np.abs(reference[stem]["flow"]).max() > 1e-2, "reference flow too small to compare"
+
+
+@pytest.mark.parametrize("case", sorted(CASCADES))
+def test_import_reproduces_tensorflow_cascade(tmp_path, case):
+    """The whole model: stems chained through the warp, flows composed (an affine first stem
+    exactly), shared-weight repetitions, against the same cascade built in TF."""
+    stems, size, rep = CASCADES[case]
+    prefix, forward = tf_reference.save_reference(str(tmp_path), stems, (size,) * 3, cascade=True, rep=rep,
+                                                  extras=False, flow_gain=0.1)
+    fixed, moving = _pair(size, seed=1)
+    reference = forward(fixed, moving)["cascade"]
+    forward.close()
+    model, _ = import_tf_checkpoint(prefix, image_size=(size,) * 3, rep=rep)
+    with torch.no_grad():
+        out = model.eval()(_torch(fixed), _torch(moving))
+    diff = {}
+    for key in ("flow", "warped"):
+        ours = out[key].numpy().transpose(0, 2, 3, 4, 1)
+        diff[key] = float(np.abs(ours - reference[key]).max())
+        print(f"{case} cascade {key}: max |ours - TF| = {diff[key]:.2e}, relative {_rel(ours, reference[key]):.2e} "
+              f"(max |TF| {np.abs(reference[key]).max():.3g})")
+    assert diff["flow"] <= CASCADE_TOLERANCE * np.abs(reference["flow"]).max(), diff
+    # the moving image is noise in [0, 1] (neighbours differ by <= 1), so two trilinear warps differ by
+    # at most 3 x (the flow difference + float32 rounding of the sample points, 2 ulp of the size): a
+    # larger image difference would be a different warp
+    assert diff["warped"] <= 3 * (diff["flow"] + 2 * size * np.finfo(np.float32).eps), diff
+    assert np.abs(reference["flow"]).max() > 1e-1
+    # negative control: adding the stages' flows instead of composing them is far outside the tolerance
+    naive = sum(out["flows"]).numpy().transpose(0, 2, 3, 4, 1)
+    assert _rel(naive, reference["flow"]) > 10 * CASCADE_TOLERANCE, _rel(naive, reference["flow"])
 
 
 @pytest.mark.parametrize("case", ["rcn-vtn", "ldr-brain"])
@@ -205,6 +249,13 @@ def test_cli_imports_and_checkpoint_describes_itself(saved, tf_folder, tmp_path)
     reference, (fixed, moving) = saved["ldr-liver"][1], saved["ldr-liver"][2]
     ours = _ours(_stems(model)["deform_stem_0"].eval(), fixed, moving)["flow"]
     assert _rel(ours, reference["deform_stem_0"]["flow"]) <= TOLERANCE
+    # the imported checkpoint evaluates like any other (stand-ins of the published liver data)
+    from data_util.standins import write_standins
+
+    liver = write_standins(str(tmp_path / "standins"), size=32, configs=("liver.json",))["liver.json"]
+    ev = run_script("eval.py", "-c", out, "-d", liver, "-v", "sliver", "--limit", 2, "--out_dir", tmp_path / "ev")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert "Dice" in ev.stdout
     again = run_script("import_tf.py", tf_folder, "--image_size", 32, 32, 32)
     assert_clean_error(again, "exists and is not empty")
     assert leftovers(tmp_path) == []
@@ -225,6 +276,8 @@ def test_args_json_that_disagrees_is_refused(tf_folder):
      "unknown variable gaffdfrm/deform_stem_0/conv9/W"),
     (lambda v: v.update({"gaffdfrm/segmenter/x": np.zeros(3, np.float32)}), "unknown variable gaffdfrm/segmenter/x"),
     (lambda v: v.pop("gaffdfrm/deform_stem_0/decode2/b"), "missing variables"),
+    (lambda v: v.update({k.replace("deform_stem_0", "deform_stem_1"): x for k, x in list(v.items())
+                         if "deform_stem_0" in k}), "2 deformable stems"),
     (lambda v: v.update({"gaffdfrm/deform_stem_0/flow/W": np.zeros((3, 3, 3, 4, 2), np.float32)}),
      "gaffdfrm/deform_stem_0/flow/W has shape (3, 3, 3, 4, 2)"),
 ])

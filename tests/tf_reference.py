@@ -20,15 +20,18 @@ tf1.disable_eager_execution()
 SCOPE = "gaffdfrm"
 
 
-def _kernel(shape, fan_in):
-    return tf1.random_normal_initializer(0.0, float(np.sqrt(2.0 / fan_in)))
+FLOW_LAYER_GAIN = {"gain": 1.0}     # scales the init of the layers that output a flow (see save_reference)
 
 
-def conv(name, x, cout, kernel, stride, bias=True, padding="SAME"):
+def _kernel(shape, fan_in, gain=1.0):
+    return tf1.random_normal_initializer(0.0, gain * float(np.sqrt(2.0 / fan_in)))
+
+
+def conv(name, x, cout, kernel, stride, bias=True, padding="SAME", gain=1.0):
     cin = int(x.shape[-1])
     ks = [kernel] * 3 if isinstance(kernel, int) else list(kernel)
     with tf1.variable_scope(name):
-        W = tf1.get_variable("W", ks + [cin, cout], initializer=_kernel(None, cin * int(np.prod(ks))))
+        W = tf1.get_variable("W", ks + [cin, cout], initializer=_kernel(None, cin * int(np.prod(ks)), gain))
         y = tf.nn.conv3d(x, W, [1, stride, stride, stride, 1], padding)
         if bias:
             y = y + tf1.get_variable("b", [cout], initializer=tf1.random_normal_initializer(0.0, 0.1))
@@ -43,11 +46,11 @@ def conv_lrelu(name, x, cout, stride):
     return lrelu(conv(name, x, cout, 3, stride))
 
 
-def upconv(name, x, cout, target):
+def upconv(name, x, cout, target, gain=1.0):
     """4^3 stride-2 transposed convolution, no bias, to ``target`` (spatial sizes)."""
     cin = int(x.shape[-1])
     with tf1.variable_scope(name):
-        W = tf1.get_variable("W", [4, 4, 4, cout, cin], initializer=_kernel(None, cin * 8))
+        W = tf1.get_variable("W", [4, 4, 4, cout, cin], initializer=_kernel(None, cin * 8, gain))
         out_shape = tf.stack([tf.shape(x)[0]] + list(target) + [cout])
         y = tf.nn.conv3d_transpose(x, W, out_shape, [1, 2, 2, 2, 1], "SAME")
     return tf.reshape(y, [-1] + list(target) + [cout])
@@ -80,7 +83,8 @@ def vtn(x, c, flow_multiplier):
         upsamp = upconv(f"upsamp{level}to{level - 1}", pred, 3, spatial(skip))
         deconv = lrelu(upconv(f"deconv{level - 1}", net, int(skip.shape[-1]), spatial(skip)))
         net = tf.concat([skip, deconv, upsamp], 4)
-    return {"flow": upconv("upsamp1to0", net, 3, spatial(x)) * 20.0 * flow_multiplier}
+    flow = upconv("upsamp1to0", net, 3, spatial(x), FLOW_LAYER_GAIN["gain"])
+    return {"flow": flow * 20.0 * flow_multiplier}
 
 
 def unet(x, encoders, decoders, flow_multiplier):
@@ -96,7 +100,7 @@ def unet(x, encoders, decoders, flow_multiplier):
     net = conv_lrelu("decode1_1", net, decoders[4], 1)
     net = conv_lrelu("decode0", tf.concat([up2(net), x], -1), decoders[5], 1)
     net = conv_lrelu("decode0_1", net, decoders[6], 1)
-    return {"flow": conv("flow", net, 3, 3, 1) * flow_multiplier}
+    return {"flow": conv("flow", net, 3, 3, 1, gain=FLOW_LAYER_GAIN["gain"]) * flow_multiplier}
 
 
 def voxelmorph(x, c, flow_multiplier):
@@ -139,12 +143,70 @@ def ldr_affine(x):
 BUILDERS = {"VTN": vtn, "VoxelMorph": voxelmorph, "LDR": ldr}
 
 
-def save_reference(folder, stems, size, step=100, extras=True, seed=0):
+def warp(image, flow):
+    """Pull-back trilinear warp with border clamping, as the TF codes' dense spatial transformer:
+    ``out(p) = image(p + flow(p))``, flow channel ``c`` along array axis ``c`` (channels last)."""
+    size = spatial(image)
+    axes = [tf.range(n, dtype=tf.float32) for n in size]
+    points = tf.stack(tf.meshgrid(*axes, indexing="ij"), -1)[None] + flow
+    floor = tf.floor(points)
+    frac = points - floor
+    floor = tf.cast(floor, tf.int32)
+    upper = tf.constant([n - 1 for n in size], tf.int32)
+    out = 0.0
+    for corner in ((0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)):
+        index = tf.clip_by_value(floor + tf.constant(corner, tf.int32), 0, upper)
+        weight = 1.0
+        for axis, c in enumerate(corner):
+            weight = weight * (frac[..., axis] if c else 1.0 - frac[..., axis])
+        out = out + weight[..., None] * tf.gather_nd(image, index, batch_dims=1)
+    return out
+
+
+def chain(fixed, moving, stems, rep):
+    """The TF codes' cascade: each stem sees the fixed image and the moving image warped by the
+    flow so far; an affine first stem composes exactly (``(I + W) u + affine``), later stems by
+    ``warp(agg, u) + u``; a stem is applied ``rep`` times with shared weights."""
+    agg = warped = W = None
+    for stem, kind, channels, multiplier in stems:
+        for r in range(1 if kind.endswith("Affine") else rep):
+            with tf1.variable_scope(stem, reuse=r > 0):
+                x = tf.concat([fixed, moving if warped is None else warped], 4)
+                if kind.endswith("Affine"):
+                    out = (vtn_affine if kind == "VTNAffine" else ldr_affine)(x)
+                else:
+                    out = BUILDERS[kind](x, channels, multiplier)
+            flow = out["flow"]
+            if agg is None:
+                agg = flow
+            elif W is not None:
+                agg = tf.einsum("bij,bxyzj->bxyzi", W + tf.eye(3), flow) + agg
+                W = None
+            else:
+                agg = warp(agg, flow) + flow
+            if "W" in out:
+                W = out["W"]
+            warped = warp(moving, agg)
+    return {"flow": agg, "warped": warped}
+
+
+def save_reference(folder, stems, size, step=100, extras=True, seed=0, cascade=False, rep=1, flow_gain=1.0):
     """Build ``stems`` (``[(stem name, kind, channels, flow multiplier)]``, kind in VTN, VoxelMorph,
     LDR, VTNAffine, LDRAffine) under ``gaffdfrm/``, save a TF-1 checkpoint ``folder/model-<step>``
     (with Adam slots, and LDR_ALDK-style critic variables when ``extras``) and return
     ``(prefix, forward)``: ``forward(fixed, moving)`` (channels-last numpy) runs every stem on the
-    same pair and returns ``{stem: {output: ndarray}}``."""
+    same pair and returns ``{stem: {output: ndarray}}``; with ``cascade``, the stems run as the TF
+    codes' cascade (``rep`` times each) and ``forward`` returns ``{"cascade": {"flow", "warped"}}``.
+    ``flow_gain`` scales the initial weights of the deformable networks' flow layers (random networks
+    otherwise output flows of tens of voxels, which a later stem amplifies chaotically)."""
+    FLOW_LAYER_GAIN["gain"] = flow_gain
+    try:
+        return _save_reference(folder, stems, size, step, extras, seed, cascade, rep)
+    finally:
+        FLOW_LAYER_GAIN["gain"] = 1.0
+
+
+def _save_reference(folder, stems, size, step, extras, seed, cascade, rep):
     graph = tf.Graph()
     with graph.as_default():
         tf1.set_random_seed(seed)
@@ -153,7 +215,9 @@ def save_reference(folder, stems, size, step=100, extras=True, seed=0):
         x = tf.concat([fixed, moving], 4)
         outputs = {}
         with tf1.variable_scope(SCOPE):
-            for stem, kind, channels, multiplier in stems:
+            if cascade:
+                outputs["cascade"] = chain(fixed, moving, stems, rep)
+            for stem, kind, channels, multiplier in ([] if cascade else stems):
                 with tf1.variable_scope(stem):
                     if kind == "VTNAffine":
                         outputs[stem] = vtn_affine(x)
