@@ -59,8 +59,8 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from network.checkpoint import FORMAT, VERSION
-    from network.outputs import OutputSet, atomic_save
+    from network.checkpoint import save_checkpoint
+    from network.outputs import OutputSet
     from network.tf_bundle import resolve_prefix
     from network.tf_import import import_tf_checkpoint
     from network import count_parameters
@@ -79,17 +79,16 @@ def main(argv=None):
     train_args = {"dataset": dataset} if dataset else {}
     if dataset and os.path.exists(dataset):
         train_args["dataset_abspath"] = os.path.abspath(dataset)
-    state = {"format": FORMAT, "version": VERSION, "model_config": model.config.to_dict(),
-             "model": model.state_dict(), "optimizer": None, "step": int(step), "epoch": 0,
-             "train_args": train_args, "n_params": count_parameters(model), "input_normalisation": "uint8",
+    n_params = count_parameters(model)
+    extra = {"n_params": n_params, "input_normalisation": "uint8",
              "imported_from": {"format": "tensorflow-1", "prefix": os.path.abspath(prefix), **report,
                                "torch": str(torch.__version__)}}
     with OutputSet(out_dir) as out:
-        atomic_save(state, out.path(f"ckpt_{step}.pt"))
+        save_checkpoint(out.staging, model, model.config.to_dict(), int(step), train_args=train_args, extra=extra)
     c = model.config
     skipped = ", ".join(f"{n} {why}" for why, n in report["skipped"].items()) or "none"
     print(f"imported {prefix}: {c.preset} {c.base_network} x{c.n_cascades} (rep {c.rep}, {c.channels} channels, "
-          f"{tuple(c.image_size)}), {state['n_params']:,} params from {report['imported']} variables; "
+          f"{tuple(c.image_size)}), {n_params:,} params from {report['imported']} variables; "
           f"skipped: {skipped}")
     print(f"wrote {os.path.join(out_dir, f'ckpt_{step}.pt')}")
     return 0

@@ -65,18 +65,25 @@ class Source:
     spec: str
     model: object = None
     note: str = ""
+    state: dict = None
 
     def load(self, dataset):
-        if self.model is not None:
-            if tuple(dataset.image_size) != tuple(self.model.config.image_size):
-                fail(f"{self.spec}: dataset size {tuple(dataset.image_size)} differs from the model's "
-                     f"{tuple(self.model.config.image_size)}")
-            return self.model, {"path": self.spec, "step": 0}
-        try:
-            state = load_checkpoint(self.spec)
-        except CheckpointError as e:
-            fail(str(e))
-        return load_model(state, dict(state["model_config"]), dataset), state
+        """``(model, state)``; a checkpoint is read once, then reused for every split."""
+        if self.model is None:
+            try:
+                self.state = load_checkpoint(self.spec)
+            except CheckpointError as e:
+                fail(str(e))
+            self.model = load_model(self.state, dict(self.state["model_config"]), dataset)
+        if tuple(dataset.image_size) != tuple(self.model.config.image_size):
+            fail(f"{self.state['path'] if self.state else self.spec}: dataset size {tuple(dataset.image_size)} "
+                 f"differs from the model's {tuple(self.model.config.image_size)}")
+        return self.model, self.state or {"path": self.spec, "step": 0}
+
+    def release(self) -> None:
+        """Free a model read from a checkpoint (an in-memory demo model stays)."""
+        if self.state is not None:
+            self.model = self.state = None
 
 
 @dataclass
@@ -135,6 +142,7 @@ def run_method(method: Method, configs: dict, splits, limit, device, runs: int, 
                 f"({r['n_pairs']} of {r['of_pairs']} pairs)")
         if model is not None:
             speeds.append(measure_speed(model, runs, gpu))
+        source.release()
     if speeds:
         method.speed = dict(speeds[0])
         if len(speeds) > 1 and speeds[1]["params"] != speeds[0]["params"]:
