@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-g", "--gpu", default="-1", help="GPU id, or -1 for the CPU; under torchrun one id per "
                    "process (-g 0,1) or -1 (CPU workers)")
     p.add_argument("-c", "--checkpoint", default=None, help="resume from DIR[:STEP] or a ckpt_<step>.pt file")
+    p.add_argument("--fresh_optimizer", action="store_true",
+                   help="with -c: continue from the checkpoint's weights, step and flags, but with a new Adam "
+                        "state, critic and random state, as from a shipped weights-only checkpoint (a "
+                        "fine-tuning stage; a later resume of the new run restores its own optimiser)")
     p.add_argument("-d", "--dataset", default=None,
                    help="dataset JSON: RCN layout (HDF5), or Learn2Reg layout (NIfTI + pairs file, 'format': 'learn2reg')")
     p.add_argument("--paired", action="store_true", help="adjacent entries are pairs (LSPIG)")

@@ -23,8 +23,8 @@ from engine.distillation import setup_distillation
 from engine.distributed import Distributed, from_environment
 from network import (DEFAULT_CHANNELS, DEFAULT_PRESET, ModelConfig, RegistrationLoss, SizeError, build_model,
                      count_parameters, load_checkpoint, save_checkpoint)
-from network.checkpoint import (RunLock, list_checkpoints, load_weights, prune_checkpoints, restore_rng_state,
-                                rng_state)
+from network.checkpoint import (TRAINING_STATE, RunLock, list_checkpoints, load_weights, prune_checkpoints,
+                                restore_rng_state, rng_state)
 from network.cli import stored_dataset, to_device
 from network.errors import RunError
 from network.outputs import clean_stale_temps
@@ -44,8 +44,15 @@ def lr_scheduler(optimizer, base_lr: float, start_step: int, round_steps: int, s
 def resume_state(args, explicit, names):
     """The checkpoint to resume (or ``None``), with ``args`` restored from its run configuration."""
     if not args.checkpoint:
+        if getattr(args, "fresh_optimizer", False):
+            raise RunError("--fresh_optimizer: needs -c CHECKPOINT (the weights to continue from)")
         return None
     state = load_checkpoint(args.checkpoint)
+    if getattr(args, "fresh_optimizer", False):
+        state = {k: v for k, v in state.items() if k not in TRAINING_STATE}
+        state["fresh"] = True
+        print(f"--fresh_optimizer: {state['path']} gives its weights, step and flags; the optimiser, critic and "
+              f"random state start anew")
     if args.dataset is None:
         args.dataset = stored_dataset(state)
     config = ModelConfig.from_dict(state["model_config"])
@@ -173,7 +180,7 @@ def prepare_run(run: Run, state) -> None:
         run.distiller.comm = run.dist
         if run.distiller.critic is not None:
             run.dist.broadcast_module(run.distiller.critic)
-    if run.distiller is not None and state is not None:
+    if run.distiller is not None and state is not None and not state.get("fresh"):
         if not state.get("distill"):
             raise RunError(f"{state['path']}: this checkpoint has no distillation critic state, but the run distils "
                  f"(--aldk / --distill); resume with the flags the run was started with")
@@ -206,6 +213,8 @@ def restore_random_state(run: Run, state: dict) -> None:
         restore_rng_state(ranks[run.dist.rank], {"augment": run.aug_gen})
         return
     run.aug_gen.manual_seed(run.args.seed + 7919 * run.start_step + 104729 * run.dist.rank)
+    if state.get("fresh"):
+        return
     if not ranks:
         print(f"note: {state['path']} has no random state (older format): the continuation is not bit-identical "
               f"to an uninterrupted run")

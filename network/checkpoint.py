@@ -26,6 +26,8 @@ from .outputs import OutputError, atomic_save, os_error_reason
 
 FORMAT = "ldr-rcn-checkpoint"
 VERSION = 1
+# What only a training run needs: a shipped model and a --fresh_optimizer start leave it behind.
+TRAINING_STATE = ("optimizer", "distill", "rng", "rng_ranks")
 _CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
 
 

@@ -2,7 +2,7 @@
 
 ``python -m network.pretrained publish weights/<run> --name NAME --eval E.json [--benchmark B.json]``
 turns a finished training run into a shipped model: its latest checkpoint without the optimiser
-(and critic) state, and a manifest with the recipe (the training command, dataset config and its
+(and critic) state, and a manifest with the recipe (the training commands, dataset config and its
 generator seed, steps), the file's sha256, the input normalisation and affine stage the model
 expects, and the validation numbers (``eval.py``'s summary and, if given, the ICBM152 benchmark's).
 ``weights/README.md`` gets a table of every shipped model. ``python -m network.pretrained verify
@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import TRAINING_STATE, CheckpointError, load_checkpoint
 from .outputs import OutputError, OutputSet, atomic_write_text
 
 MANIFEST = "manifest.json"
-DROPPED = ("optimizer", "distill", "rng")        # training-only state, not shipped
+DROPPED = TRAINING_STATE                          # training-only state, not shipped
 README_START, README_END = "<!-- shipped models: start -->", "<!-- shipped models: end -->"
 
 
@@ -75,17 +75,18 @@ def benchmark_summary(path: str) -> dict:
             "comparisons": result.get("comparisons", [])}
 
 
-def training_command(state: dict, given: str | None) -> str:
-    """The recipe's command: ``given``, else the first command the checkpoint recorded."""
+def training_commands(state: dict, given=()) -> list:
+    """The recipe's commands in order: ``given``, else every command the checkpoint recorded (its
+    first start, then any resume or fine-tuning stage)."""
     if given:
-        return given
+        return list(given)
     commands = state.get("commands") or []
     if not commands:
         raise CheckpointError(f"{state['path']}: the checkpoint records no training command; pass --command")
-    return commands[0]
+    return list(commands)
 
 
-def publish(run: str, name: str, eval_json: str, benchmark_json=(), command: str | None = None,
+def publish(run: str, name: str, eval_json: str, benchmark_json=(), commands=(),
             description: str = "", root: str = "weights") -> str:
     """Write ``root/name/`` (checkpoint + manifest) as one set; returns the folder."""
     state = load_checkpoint(run)
@@ -101,7 +102,7 @@ def publish(run: str, name: str, eval_json: str, benchmark_json=(), command: str
         "input": {"normalisation": state.get("input_normalisation"),
                   "affine_stage": state.get("register_affine", "none"),
                   "grid": list(state["model_config"]["image_size"])},
-        "recipe": {"command": training_command(state, command), "dataset": args.get("dataset"),
+        "recipe": {"commands": training_commands(state, commands), "dataset": args.get("dataset"),
                    "dataset_config": dataset_config,
                    "generator_seed": (dataset_config or {}).get("seed"), "run_seed": args.get("seed"),
                    "steps": step},
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
     pub.add_argument("--name", required=True, help="shipped model name (folder under --root)")
     pub.add_argument("--eval", required=True, help="eval.py result JSON of this checkpoint (evaluate/<n>/<n>.json)")
     pub.add_argument("--benchmark", nargs="*", default=[], help="ICBM152 benchmark results.json file(s)")
-    pub.add_argument("--command", default=None, help="the training command (default: the one the checkpoint records)")
+    pub.add_argument("--command", action="append", default=[], help="a training command of the recipe, in order; "
+                     "repeat for each stage (default: the commands the checkpoint records)")
     pub.add_argument("--description", default="", help="one line: what the model registers")
     pub.add_argument("--root", default="weights", help="folder of shipped models")
     ver = sub.add_parser("verify", help="check a shipped model's file against its manifest")

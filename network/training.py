@@ -13,6 +13,7 @@ import itertools
 import math
 import sys
 import time
+import types
 
 import torch
 
@@ -23,7 +24,7 @@ from .metrics import score_batch, summarise
 # Flags that say where and how fast a run executes, not what it is: never restored. The run folder
 # (--output) is where the checkpoint lies, so a moved or copied run resumes in place.
 NOT_RESTORED = {"checkpoint", "gpu", "workers", "threads", "dataset", "output", "overwrite",
-                "activation_checkpointing"}
+                "activation_checkpointing", "fresh_optimizer"}
 # Flags fixed by the model in the checkpoint: they may not change on resume.
 ARCHITECTURE = {"base_network": "base_network", "n_cascades": "n_cascades", "preset": "preset",
                 "channels": "channels", "deep_supervision": "deep_supervision"}
@@ -212,6 +213,9 @@ class LazyWriter:
         if self.log_dir is None:            # a process other than rank 0 writes no logs
             return None
         if self._writer is None:
+            # TensorBoard imports TensorFlow when it is installed (seconds per run) unless told to use
+            # its own stub, which writes the same event files.
+            sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:

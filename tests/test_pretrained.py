@@ -21,8 +21,17 @@ TOY = {"format": "synth", "image_size": [32, 32, 32], "maps": {"shapes": 1.0}, "
        "seed": 1, "val_pairs": 2}
 
 
-def toy_command(command: str) -> list:
-    """The manifest's training command at toy size: the toy dataset, 3 steps, no validation."""
+STAGE1 = ("python train.py -b Lite -n 1 --preset lite -g -1 -d datasets/synth_brain.json --steps 7200 "
+          "--round 1800 --batch 1 --lr 3e-4 --sim lncc --dice_weight 1 --dice_downsample 2 --augment none "
+          "--val_steps 600 --val_pairs 8 --save_steps 300 --output synth_brain_lite --workers 1 --seed 0")
+RECIPE = (json.load(open(os.path.join(SHIPPED, MANIFEST)))["recipe"]["commands"]
+          if os.path.isfile(os.path.join(SHIPPED, MANIFEST)) else [STAGE1])
+TOY_STEPS = 3 * len(RECIPE)           # 3 steps per stage
+
+
+def toy_command(command: str, stage: int, last: bool) -> list:
+    """One command of the manifest's recipe at toy size: the toy dataset, 3 more steps, no validation;
+    a stage that continues from a checkpoint (``-c``) continues from the previous toy stage."""
     words = shlex.split(command)
     assert words[:2] == ["python", "train.py"], command
     args, skip = [], False
@@ -30,25 +39,24 @@ def toy_command(command: str) -> list:
         if skip:
             skip = False
             continue
-        if w in ("-d", "--dataset", "--steps", "--round", "--val_steps", "--save_steps", "--output", "--workers"):
+        if w in ("-d", "--dataset", "--steps", "--round", "--val_steps", "--save_steps", "--output", "--workers",
+                 "-c", "--checkpoint"):
             skip = True
+            if w in ("-c", "--checkpoint"):
+                args += [w, f"weights/toy{stage - 1}/ckpt_{3 * stage}.pt"]
             continue
         args.append(w)
-    return args + ["-d", "toy.json", "--steps", "3", "--round", "2", "--val_steps", "0", "--save_steps", "3",
-                   "--workers", "0", "--output", "toy"]
+    return args + ["-d", "toy.json", "--steps", str(3 * (stage + 1)), "--round", "2", "--val_steps", "0",
+                   "--save_steps", "3", "--workers", "0", "--output", "toy" if last else f"toy{stage}"]
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("pretrained")
     (d / "toy.json").write_text(json.dumps(TOY))
-    command = ("python train.py -b Lite -n 1 --preset lite -g -1 -d datasets/synth_brain.json --steps 7200 "
-               "--round 1800 --batch 1 --lr 3e-4 --sim lncc --dice_weight 1 --dice_downsample 2 --augment none "
-               "--val_steps 600 --val_pairs 8 --save_steps 300 --output synth_brain_lite --workers 1 --seed 0")
-    if os.path.isfile(os.path.join(SHIPPED, MANIFEST)):
-        command = json.load(open(os.path.join(SHIPPED, MANIFEST)))["recipe"]["command"]
-    r = run_script("train.py", *toy_command(command), cwd=d)
-    assert r.returncode == 0, r.stderr[-2000:]
+    for stage, command in enumerate(RECIPE):
+        r = run_script("train.py", *toy_command(command, stage, stage == len(RECIPE) - 1), cwd=d)
+        assert r.returncode == 0, (command, r.stderr[-2000:])
     r = run_script("eval.py", "-c", "weights/toy", "--name", "toy", cwd=d)
     assert r.returncode == 0, r.stderr[-2000:]
     return d
@@ -56,7 +64,7 @@ def toy_run(tmp_path_factory):
 
 def test_recipe_trains_at_toy_size_and_records_itself(toy_run):
     state = load_checkpoint(str(toy_run / "weights" / "toy"))
-    assert state["step"] == 3
+    assert state["step"] == TOY_STEPS
     assert state["input_normalisation"] == "mri" and state["register_affine"] == "affine"
     assert state["commands"] and state["commands"][0].startswith("python train.py ")
     assert state["train_args"]["dice_weight"] == 1 and state["train_args"]["dice_downsample"] == 2
@@ -69,23 +77,23 @@ def test_publish_writes_a_verified_set_and_the_table(toy_run):
     assert r.returncode == 0, r.stderr
     folder = toy_run / "weights" / "toy_model"
     manifest = verify(str(folder))
-    assert sorted(os.listdir(folder)) == ["ckpt_3.pt", MANIFEST]
-    assert manifest["recipe"]["generator_seed"] == 1 and manifest["recipe"]["steps"] == 3
-    assert manifest["recipe"]["command"].startswith("python train.py ")
+    assert sorted(os.listdir(folder)) == [f"ckpt_{TOY_STEPS}.pt", MANIFEST]
+    assert manifest["recipe"]["generator_seed"] == 1 and manifest["recipe"]["steps"] == TOY_STEPS
+    assert all(c.startswith("python train.py ") for c in manifest["recipe"]["commands"])
     assert manifest["input"] == {"normalisation": "mri", "affine_stage": "affine", "grid": [32, 32, 32]}
     evaluated = json.load(open(toy_run / "evaluate" / "toy" / "toy.json"))
     assert manifest["validation"]["eval"]["dice"] == round(evaluated["summary"]["dice"]["mean"], 4)
-    shipped = torch.load(folder / "ckpt_3.pt", weights_only=True)
+    shipped = torch.load(folder / f"ckpt_{TOY_STEPS}.pt", weights_only=True)
     assert "optimizer" not in shipped and "rng" not in shipped
     table = (toy_run / "weights" / "README.md").read_text()
     assert table.startswith("Shipped models.") and "`toy_model`" in table and "toy shapes" in table
     assert not leftovers(toy_run / "weights")
     # a damaged file is refused in one line
-    data = bytearray((folder / "ckpt_3.pt").read_bytes())
+    data = bytearray((folder / f"ckpt_{TOY_STEPS}.pt").read_bytes())
     data[-10] ^= 0xFF
-    (folder / "ckpt_3.pt").write_bytes(bytes(data))
+    (folder / f"ckpt_{TOY_STEPS}.pt").write_bytes(bytes(data))
     r = _module("network.pretrained", "verify", "weights/toy_model", cwd=toy_run)
-    assert_clean_error(r, "ckpt_3.pt", "sha256")
+    assert_clean_error(r, f"ckpt_{TOY_STEPS}.pt", "sha256")
 
 
 def _module(module, *args, cwd):
@@ -157,3 +165,32 @@ def test_synth_run_resumes_exactly(tmp_path):
     assert parts["step"] == 4 and len(parts["commands"]) == 2
     for k, v in whole["model"].items():
         assert torch.equal(v, parts["model"][k]), k
+
+
+def test_fresh_optimizer_stage_equals_a_start_from_shipped_weights(tmp_path):
+    """A fine-tuning stage from a full run checkpoint with --fresh_optimizer trains exactly as one from
+    its weights-only (shipped) copy; a plain resume, which keeps Adam's state, does not."""
+    (tmp_path / "toy.json").write_text(json.dumps(TOY))
+    flags = ["-b", "Lite", "-n", "1", "--preset", "lite", "-g", "-1", "-d", "toy.json", "--batch", "1",
+             "--round", "2", "--lr", "3e-4", "--sim", "lncc", "--dice_weight", "1", "--augment", "none",
+             "--val_steps", "0", "--workers", "0", "--threads", "1", "--seed", "3", "--save_steps", "2"]
+    r = run_script("train.py", *flags, "--steps", "2", "--output", "stage1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    full = torch.load(tmp_path / "weights" / "stage1" / "ckpt_2.pt", weights_only=True)
+    assert "optimizer" in full
+    torch.save({k: v for k, v in full.items() if k not in ("optimizer", "distill", "rng")}, tmp_path / "shipped.pt")
+    more = ["-d", "toy.json", "--steps", "4", "--lr", "1e-4"]
+    runs = {"fresh": ["-c", "weights/stage1/ckpt_2.pt", "--fresh_optimizer"], "shipped": ["-c", "shipped.pt"],
+            "resumed": ["-c", "weights/stage1/ckpt_2.pt"]}
+    for name, start in runs.items():
+        r = run_script("train.py", *start, *more, "--output", name, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+    got = {name: load_checkpoint(str(tmp_path / "weights" / name)) for name in runs}
+    assert "--fresh_optimizer" in got["fresh"]["commands"][-1] and "optimizer" in got["fresh"]
+    assert all(torch.equal(v, got["shipped"]["model"][k]) for k, v in got["fresh"]["model"].items())
+    assert not all(torch.equal(v, got["resumed"]["model"][k]) for k, v in got["fresh"]["model"].items())
+    # a later resume of the new run restores its own optimiser: the flag is not carried over
+    r = run_script("train.py", "-c", "weights/fresh", "--steps", "5", cwd=tmp_path)
+    assert r.returncode == 0 and "--fresh_optimizer" not in r.stdout, r.stderr[-2000:]
+    r = run_script("train.py", *flags, "--steps", "2", "--output", "x", "--fresh_optimizer", cwd=tmp_path)
+    assert_clean_error(r, "--fresh_optimizer", "-c")
