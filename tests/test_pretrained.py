@@ -13,7 +13,7 @@ import torch
 
 from faults import ROOT, assert_clean_error, leftovers, run_script
 
-from network.checkpoint import load_checkpoint
+from network.checkpoint import TRAINING_STATE, load_checkpoint
 from network.pretrained import MANIFEST, verify
 
 SHIPPED = os.path.join(ROOT, "weights", "brain_mri_lite")
@@ -178,7 +178,7 @@ def test_fresh_optimizer_stage_equals_a_start_from_shipped_weights(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     full = torch.load(tmp_path / "weights" / "stage1" / "ckpt_2.pt", weights_only=True)
     assert "optimizer" in full
-    torch.save({k: v for k, v in full.items() if k not in ("optimizer", "distill", "rng")}, tmp_path / "shipped.pt")
+    torch.save({k: v for k, v in full.items() if k not in TRAINING_STATE}, tmp_path / "shipped.pt")
     more = ["-d", "toy.json", "--steps", "4", "--lr", "1e-4"]
     runs = {"fresh": ["-c", "weights/stage1/ckpt_2.pt", "--fresh_optimizer"], "shipped": ["-c", "shipped.pt"],
             "resumed": ["-c", "weights/stage1/ckpt_2.pt"]}
