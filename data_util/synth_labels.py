@@ -14,7 +14,9 @@ dataset's seed and the step (exact resume needs nothing else). For each pair:
 3. **Images from the labels**: ``"modality": "mri"``: one random intensity per label (T1-like
    tissue order or any order), jittered per image, Gaussian blur, a smooth bias field, noise, a
    gamma curve, then the percentile mapping ``register.py`` applies to MRI (0.5 / 99.5 %, clipped
-   to [0, 1]); ``"ct"``: Hounsfield units per label (air outside, fat, soft tissue, enhanced organ
+   to [0, 1]); with ``independent_contrast`` p, a fraction p of the pairs draws the moving image's
+   intensities afresh (so the two images of a pair differ in contrast, as T1 against T2 or an
+   inverted T1); ``"ct"``: Hounsfield units per label (air outside, fat, soft tissue, enhanced organ
    or bone), blur, noise, then the CT window (290 / 120 HU).
 
 The dataset JSON (``{"format": "synth", ...}``, e.g. ``datasets/synth_brain.json``) names the grid,
@@ -61,6 +63,7 @@ class SynthConfig:
     subject_scale: float = 0.15     # brain maps: per-axis scale in [1 - s, 1 + s]
     subject_rotation: float = 10.0
     modality: str = "mri"           # mri: random contrasts, percentile mapping; ct: HU per tissue class, CT window
+    independent_contrast: float = 0.0  # mri: fraction of pairs whose moving image gets its own label intensities
 
     @classmethod
     def from_dict(cls, config: dict, where: str) -> "SynthConfig":
@@ -84,6 +87,12 @@ class SynthConfig:
             raise DatasetError(f"{where}: brain maps need n_labels >= 3 x parts ({3 * out.parts})")
         if out.modality not in ("mri", "ct"):
             raise DatasetError(f"{where}: 'modality' must be 'mri' or 'ct', got {out.modality!r}")
+        if not isinstance(out.independent_contrast, (int, float)) or not 0 <= out.independent_contrast <= 1:
+            raise DatasetError(f"{where}: 'independent_contrast' must be a fraction in [0, 1], "
+                               f"got {out.independent_contrast!r}")
+        if out.independent_contrast > 0 and out.modality != "mri":
+            raise DatasetError(f"{where}: 'independent_contrast' applies to 'mri' only (CT intensities are "
+                               f"physical units, the same in both images)")
         if out.val_pairs < 1 or out.n_labels < 2:
             raise DatasetError(f"{where}: val_pairs must be >= 1 and n_labels >= 2")
         return out
@@ -328,13 +337,16 @@ def make_pair(config: SynthConfig, key) -> dict:
         views.append(warp(base, u, mode="nearest")[0].long())
     if config.modality == "ct":
         hu = ct_label_hu(gen, config.n_labels)
-        image = lambda labels: synth_ct_image(gen, labels, hu)  # noqa: E731
+        image = lambda labels, k: synth_ct_image(gen, labels, hu)  # noqa: E731
     else:
-        means = label_intensities(gen, kind, config.n_labels, config.parts)
-        image = lambda labels: synth_image(gen, labels, means)  # noqa: E731
+        means = [label_intensities(gen, kind, config.n_labels, config.parts)] * 2
+        # drawn only when asked for, so datasets without the key keep their pair sequence
+        if config.independent_contrast > 0 and float(torch.rand(1, generator=gen)) < config.independent_contrast:
+            means[1] = label_intensities(gen, kind, config.n_labels, config.parts)
+        image = lambda labels, k: synth_image(gen, labels, means[k - 1])  # noqa: E731
     out = {"kind": kind}
     for k, labels in ((1, views[0]), (2, views[1])):
-        out[f"voxel{k}"] = image(labels[0])
+        out[f"voxel{k}"] = image(labels[0], k)
         out[f"seg{k}"] = labels.float()
     return out
 

@@ -29,9 +29,20 @@ RECIPE = (json.load(open(os.path.join(SHIPPED, MANIFEST)))["recipe"]["commands"]
 TOY_STEPS = 3 * len(RECIPE)           # 3 steps per stage
 
 
+def toy_dataset(command: str) -> dict:
+    """The toy dataset for one stage of the recipe: :data:`TOY` with the stage dataset's contrast mix."""
+    words = shlex.split(command)
+    for flag in ("-d", "--dataset"):
+        if flag in words:
+            with open(os.path.join(ROOT, words[words.index(flag) + 1])) as f:
+                return dict(TOY, independent_contrast=json.load(f).get("independent_contrast", 0.0))
+    return dict(TOY)
+
+
 def toy_command(command: str, stage: int, last: bool) -> list:
-    """One command of the manifest's recipe at toy size: the toy dataset, 3 more steps, no validation;
-    a stage that continues from a checkpoint (``-c``) continues from the previous toy stage."""
+    """One command of the manifest's recipe at toy size: the toy dataset (``toy<stage>.json``), 3 more
+    steps, no validation; a stage that continues from a checkpoint (``-c``) continues from the
+    previous toy stage."""
     words = shlex.split(command)
     assert words[:2] == ["python", "train.py"], command
     args, skip = [], False
@@ -46,15 +57,15 @@ def toy_command(command: str, stage: int, last: bool) -> list:
                 args += [w, f"weights/toy{stage - 1}/ckpt_{3 * stage}.pt"]
             continue
         args.append(w)
-    return args + ["-d", "toy.json", "--steps", str(3 * (stage + 1)), "--round", "2", "--val_steps", "0",
+    return args + ["-d", f"toy{stage}.json", "--steps", str(3 * (stage + 1)), "--round", "2", "--val_steps", "0",
                    "--save_steps", "3", "--workers", "0", "--output", "toy" if last else f"toy{stage}"]
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("pretrained")
-    (d / "toy.json").write_text(json.dumps(TOY))
     for stage, command in enumerate(RECIPE):
+        (d / f"toy{stage}.json").write_text(json.dumps(toy_dataset(command)))
         r = run_script("train.py", *toy_command(command, stage, stage == len(RECIPE) - 1), cwd=d)
         assert r.returncode == 0, (command, r.stderr[-2000:])
     r = run_script("eval.py", "-c", "weights/toy", "--name", "toy", cwd=d)

@@ -3,6 +3,7 @@ loss curve continue exactly after a ``kill -9``; overrides are printed; run fold
 never mixed; checkpoints are pruned; progress is printed without a terminal."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,16 @@ def test_override_is_printed_and_stored(work, reference):
     assert state["train_args"]["aldk"] is True and state["distill"]["critic"] is not None
 
 
+def test_a_new_dataset_on_resume_is_printed_and_stored(work, reference):
+    shutil.copy(work / "data" / "synthetic.json", work / "data" / "other.json")
+    r = run_script("train.py", "-c", "weights/ref:20", "--output", "ref_data", "-d", "data/other.json",
+                   "--steps", "21", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "resume override: -d data/other.json (the run had data/synthetic.json)" in r.stdout
+    state = torch.load(work / "weights" / "ref_data" / "ckpt_21.pt", weights_only=True)
+    assert state["train_args"]["dataset"] == "data/other.json"
+
+
 def test_resuming_a_finished_run_says_so(work, reference):
     r = run_script("train.py", "-c", "weights/ref", cwd=work)
     assert_clean_error(r, "already at step 30 of its 30 steps", "--epochs")
@@ -204,7 +215,6 @@ def test_stale_temp_of_a_killed_write_is_removed_on_resume(work, reference):
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    import shutil
     shutil.copytree(work / "weights" / "ref", work / "weights" / "moved")     # a copied run resumes in place
     stale = work / "weights" / "moved" / (temp_prefix().replace(f"_{os.getpid()}_", f"_{dead.pid}_") + "x.pt")
     stale.write_bytes(b"half a checkpoint")

@@ -34,6 +34,9 @@ def write_config(tmp_path, **changes):
     ({"maps": {"shapes": -1.0}}, "maps"),
     ({"colour": 1}, "unknown synth dataset keys"),
     ({"maps": {"brain": 1.0}, "n_labels": 4, "parts": 2}, "n_labels >= 3 x parts"),
+    ({"independent_contrast": 1.5}, "independent_contrast"),
+    ({"independent_contrast": "half"}, "independent_contrast"),
+    ({"independent_contrast": 0.5, "modality": "ct"}, "independent_contrast"),
 ])
 def test_bad_configs_name_the_file_and_the_key(tmp_path, changes, needle):
     path = write_config(tmp_path, **changes)
@@ -184,3 +187,30 @@ def test_brain_maps_without_the_template_fail_in_one_line(tmp_path, monkeypatch)
     with pytest.raises(DatasetError, match="ICBM152 template") as e:
         open_dataset(str(path))
     assert str(path) in str(e.value)
+
+
+def _label_medians(item, k):
+    """Median intensity of each foreground label of image ``k``."""
+    v, s = item[f"voxel{k}"].flatten(), item[f"seg{k}"].flatten()
+    return torch.stack([v[s == lab].median() for lab in s.unique() if lab > 0])
+
+
+def _contrast_agreement(item) -> float:
+    """Correlation of the per-label medians of the two images (both views carry the same labels)."""
+    a, b = _label_medians(item, 1), _label_medians(item, 2)
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_independent_contrast_redraws_the_moving_intensities_only(tmp_path):
+    same = open_dataset(str(write_config(tmp_path, image_size=[24, 24, 24])))
+    assert same.config.independent_contrast == 0.0
+    (tmp_path / "ic").mkdir()
+    mixed = open_dataset(str(write_config(tmp_path / "ic", image_size=[24, 24, 24], independent_contrast=1.0)))
+    agree_same, agree_mixed = [], []
+    for index in range(4):
+        a, b = make_pair(same.config, (0, index)), make_pair(mixed.config, (0, index))
+        assert torch.equal(a["seg1"], b["seg1"]) and torch.equal(a["seg2"], b["seg2"])   # same anatomy
+        agree_same.append(_contrast_agreement(a))
+        agree_mixed.append(_contrast_agreement(b))
+    assert min(agree_same) > 0.95                  # one contrast per pair: labels keep their intensities
+    assert min(agree_mixed) < 0.6                  # the moving image's intensities are drawn afresh
