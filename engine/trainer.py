@@ -53,15 +53,14 @@ def resume_state(args, explicit, names):
         state["fresh"] = True
         print(f"--fresh_optimizer: {state['path']} gives its weights, step and flags; the optimiser, critic and "
               f"random state start anew")
-    had = (state.get("train_args") or {}).get("dataset") if isinstance(state.get("train_args"), dict) else None
-    if args.dataset is None:
-        args.dataset = stored_dataset(state)
-    elif had and os.path.abspath(args.dataset) != os.path.abspath(str(had)):
-        print(f"resume override: -d {args.dataset} (the run had {had})")
-    config = ModelConfig.from_dict(state["model_config"])
     stored = state.get("train_args") or {}
     if not isinstance(stored, dict):
         raise RunError(f"{state['path']}: 'train_args' is not a table of flags")
+    if args.dataset is None:
+        args.dataset = stored_dataset(state)
+    elif stored.get("dataset") and os.path.abspath(args.dataset) != os.path.abspath(str(stored["dataset"])):
+        print(f"resume override: -d {args.dataset} (the run had {stored['dataset']})")
+    config = ModelConfig.from_dict(state["model_config"])
     overrides = restore_run_args(args, explicit, stored, config, names)
     if stored and "aldk_variant" not in stored and "aldk_variant" not in explicit:
         args.aldk_variant = "paper"         # runs from before the stable recipe distilled with the paper's losses
