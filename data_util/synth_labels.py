@@ -10,7 +10,9 @@ dataset's seed and the step (exact resume needs nothing else). For each pair:
      (anisotropic scale, rotation, shift and a large smooth diffeomorphic field), so every map is
      a new "subject" and the pieces give the Dice term something to match inside each tissue.
 2. **Two views of it**: the fixed labels through one smooth field, the moving labels through another
-   plus a small residual affine (the model runs after an affine stage).
+   plus a small residual affine (the model runs after an affine stage). With ``still_pairs`` p, a
+   fraction p of the pairs uses the fixed view for both (one anatomy, two scans of it: the right
+   answer is no motion, which a model never learns from pairs that always move).
 3. **Images from the labels**: ``"modality": "mri"``: one random intensity per label (T1-like
    tissue order or any order), jittered per image, Gaussian blur, a smooth bias field, noise, a
    gamma curve, then the percentile mapping ``register.py`` applies to MRI (0.5 / 99.5 %, clipped
@@ -64,6 +66,7 @@ class SynthConfig:
     subject_rotation: float = 10.0
     modality: str = "mri"           # mri: random contrasts, percentile mapping; ct: HU per tissue class, CT window
     independent_contrast: float = 0.0  # mri: fraction of pairs whose moving image gets its own label intensities
+    still_pairs: float = 0.0        # fraction of pairs whose two views share one field (nothing to register)
 
     @classmethod
     def from_dict(cls, config: dict, where: str) -> "SynthConfig":
@@ -87,9 +90,10 @@ class SynthConfig:
             raise DatasetError(f"{where}: brain maps need n_labels >= 3 x parts ({3 * out.parts})")
         if out.modality not in ("mri", "ct"):
             raise DatasetError(f"{where}: 'modality' must be 'mri' or 'ct', got {out.modality!r}")
-        if not isinstance(out.independent_contrast, (int, float)) or not 0 <= out.independent_contrast <= 1:
-            raise DatasetError(f"{where}: 'independent_contrast' must be a fraction in [0, 1], "
-                               f"got {out.independent_contrast!r}")
+        for key in ("independent_contrast", "still_pairs"):
+            value = getattr(out, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise DatasetError(f"{where}: {key!r} must be a fraction in [0, 1], got {value!r}")
         if out.independent_contrast > 0 and out.modality != "mri":
             raise DatasetError(f"{where}: 'independent_contrast' applies to 'mri' only (CT intensities are "
                                f"physical units, the same in both images)")
@@ -327,8 +331,13 @@ def make_pair(config: SynthConfig, key) -> dict:
     base = (shapes_map(gen, size, config.n_labels) if kind == "shapes"
             else brain_map(gen, size, config.parts, config))
     base = base.float()[None, None]
+    # drawn only when asked for (here and below), so datasets without the key keep their pair sequence
+    still = config.still_pairs > 0 and float(torch.rand(1, generator=gen)) < config.still_pairs
     views = []
     for moving in (False, True):
+        if moving and still:
+            views.append(views[0])
+            continue
         spacing = float(uniform(gen, 8.0, 16.0))
         u = smooth_field(gen, size, float(uniform(gen, 0, config.pair_field)), spacing)
         if moving:
@@ -340,7 +349,6 @@ def make_pair(config: SynthConfig, key) -> dict:
         image = lambda labels, k: synth_ct_image(gen, labels, hu)  # noqa: E731
     else:
         means = [label_intensities(gen, kind, config.n_labels, config.parts)] * 2
-        # drawn only when asked for, so datasets without the key keep their pair sequence
         if config.independent_contrast > 0 and float(torch.rand(1, generator=gen)) < config.independent_contrast:
             means[1] = label_intensities(gen, kind, config.n_labels, config.parts)
         image = lambda labels, k: synth_image(gen, labels, means[k - 1])  # noqa: E731

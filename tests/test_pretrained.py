@@ -29,13 +29,17 @@ RECIPE = (json.load(open(os.path.join(SHIPPED, MANIFEST)))["recipe"]["commands"]
 TOY_STEPS = 3 * len(RECIPE)           # 3 steps per stage
 
 
+PAIR_MIX = ("independent_contrast", "still_pairs")     # dataset keys a stage carries to its toy version
+
+
 def toy_dataset(command: str) -> dict:
-    """The toy dataset for one stage of the recipe: :data:`TOY` with the stage dataset's contrast mix."""
+    """The toy dataset for one stage of the recipe: :data:`TOY` with the stage dataset's pair mix."""
     words = shlex.split(command)
     for flag in ("-d", "--dataset"):
         if flag in words:
             with open(os.path.join(ROOT, words[words.index(flag) + 1])) as f:
-                return dict(TOY, independent_contrast=json.load(f).get("independent_contrast", 0.0))
+                stage = json.load(f)
+            return dict(TOY, **{k: stage[k] for k in PAIR_MIX if k in stage})
     return dict(TOY)
 
 

@@ -37,6 +37,8 @@ def write_config(tmp_path, **changes):
     ({"independent_contrast": 1.5}, "independent_contrast"),
     ({"independent_contrast": "half"}, "independent_contrast"),
     ({"independent_contrast": 0.5, "modality": "ct"}, "independent_contrast"),
+    ({"still_pairs": -0.1}, "still_pairs"),
+    ({"still_pairs": True}, "still_pairs"),
 ])
 def test_bad_configs_name_the_file_and_the_key(tmp_path, changes, needle):
     path = write_config(tmp_path, **changes)
@@ -214,3 +216,15 @@ def test_independent_contrast_redraws_the_moving_intensities_only(tmp_path):
         agree_mixed.append(_contrast_agreement(b))
     assert min(agree_same) > 0.95                  # one contrast per pair: labels keep their intensities
     assert min(agree_mixed) < 0.6                  # the moving image's intensities are drawn afresh
+
+
+def test_still_pairs_show_one_anatomy_in_two_scans(tmp_path):
+    still = open_dataset(str(write_config(tmp_path, image_size=[24, 24, 24], still_pairs=1.0))).config
+    for index in range(3):
+        item = make_pair(still, (0, index))
+        assert torch.equal(item["seg1"], item["seg2"])                      # nothing moved
+        assert not torch.equal(item["voxel1"], item["voxel2"])              # two scans: own noise and bias
+    (tmp_path / "half").mkdir()
+    half = open_dataset(str(write_config(tmp_path / "half", image_size=[24, 24, 24], still_pairs=0.5))).config
+    moved = [not torch.equal(p["seg1"], p["seg2"]) for p in (make_pair(half, (0, i)) for i in range(12))]
+    assert 0 < sum(moved) < 12
