@@ -188,8 +188,7 @@ class IcbmPairs:
         if contrast not in ("same", "inverted"):
             raise ValueError(f"contrast must be 'same' or 'inverted', got {contrast!r}")
         self.folder, self.magnitude, self.contrast = folder, magnitude, contrast
-        self.t1, self.labels = load_template(template_dir)
-        self.grid = pair_grid(self.t1, spacing)
+        self.t1, self.labels, self.grid = self.template(template_dir, spacing)
         self.box = template_box(self.t1)
         os.makedirs(folder, exist_ok=True)
         identity = KnownTransform(KnownField(self.box, 40.0, 0.0, 0))
@@ -199,13 +198,24 @@ class IcbmPairs:
         _save(self.paths["fixed"], fixed, self.grid.affine)
         _save(self.paths["fixed_label"], self.fixed_labels, self.grid.affine)
 
+    modality = "mri"                # how register.py is told to scale these images
+    label_names = LABELS
+
+    def template(self, template_dir, spacing: float) -> tuple:
+        """``(template Volume, its labels, the pair grid)``."""
+        t1, labels = load_template(template_dir)
+        return t1, labels, pair_grid(t1, spacing)
+
+    def scanner_change(self, moving: np.ndarray, rng) -> np.ndarray:
+        return change_intensities(moving, rng, invert=self.contrast == "inverted")
+
     def write(self, seed: int) -> dict:
         """The pair ``seed``: paths, ``seed``, ``transform`` (:class:`KnownTransform`), ``moving_labels``."""
         rng = np.random.default_rng(1000 + seed)
         transform = KnownTransform(KnownField(self.box, 40.0, self.magnitude, seed),
                                    random_affine(rng, (self.box[0] + self.box[1]) / 2, 10.0, 0.1, 0.05, 10.0))
         moving, moving_labels = deformed(self.t1, self.labels, transform, self.grid)
-        moving = change_intensities(moving, rng, invert=self.contrast == "inverted")
+        moving = self.scanner_change(moving, rng)
         pair = dict(self.paths, seed=seed, transform=transform, moving_labels=moving_labels,
                     moving=os.path.join(self.folder, f"moving_{seed}.nii.gz"),
                     moving_label=os.path.join(self.folder, f"moving_label_{seed}.nii.gz"))

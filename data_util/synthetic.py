@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from data_util.augmentation import interpolate_control_grid, invert_points
+from data_util.icbm import IcbmPairs
 from network.outputs import atomic_output
 
 LABELS = {"liver": 1, "kidney": 2, "spine": 3, "stomach": 4}
@@ -78,11 +79,12 @@ def _spine_distance(q: torch.Tensor, spine) -> torch.Tensor:
     return ((q[0] - cx).square() + (q[1] - cy).square()).sqrt() - radius
 
 
-def render_template(subject: dict, q: torch.Tensor, edge: float = 0.6):
+def render_template(subject: dict, q: torch.Tensor, edge: float = 0.6, intensity: dict = INTENSITY):
     """Evaluate a subject template at voxel coordinates ``q`` ``(3, X, Y, Z)``.
 
-    Returns ``(intensity float32 0..255, labels uint8)``, both ``(X, Y, Z)``; later structures
-    overwrite earlier ones (body, liver, stomach, kidneys, spine).
+    Returns ``(intensity float32, labels uint8)``, both ``(X, Y, Z)``: 0 outside the body, then
+    ``intensity[structure]`` (default :data:`INTENSITY`, 0..255); later structures overwrite earlier
+    ones (body, liver, stomach, kidneys, spine).
     """
     structures = [("body", _ellipsoid_distance(q, subject["body"])),
                   ("liver", torch.stack([_ellipsoid_distance(q, e) for e in subject["liver"]]).amin(0)),
@@ -93,7 +95,7 @@ def render_template(subject: dict, q: torch.Tensor, edge: float = 0.6):
     labels = torch.zeros(q.shape[1:], dtype=torch.uint8)
     for name, dist in structures:
         soft = torch.sigmoid(-dist / edge)
-        image = image * (1 - soft) + INTENSITY[name] * soft
+        image = image * (1 - soft) + intensity[name] * soft
         if name in LABELS:
             labels[dist < 0] = LABELS[name]
     return image, labels
@@ -204,6 +206,52 @@ class OracleTeacher:
 
     def fingerprint(self) -> dict:
         return {"oracle": "synthetic ground truth", "synthetic": self.meta, "image_size": list(self.image_size)}
+
+
+# ---- CT benchmark pairs with a known transform -----------------------------------------------------
+
+# HU of each phantom structure (portal-venous CT); the body's outside is air (-1000 HU)
+PHANTOM_HU = {"body": 30.0, "liver": 110.0, "kidney": 170.0, "spine": 450.0, "stomach": 5.0}
+
+
+def phantom_ct(size: int = 96, spacing: float = 3.0, seed: int = 0):
+    """``(Volume in HU, labels uint8)``: the abdomen phantom of :func:`sample_subject` (``seed``) on a
+    ``size``^3 grid of ``spacing`` mm centred on the origin (labels: :data:`LABELS`)."""
+    from .image_io import Volume
+    subject = sample_subject(np.random.default_rng(seed), size)
+    axes = torch.arange(size, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(axes, axes, axes, indexing="ij"))
+    image, labels = render_template(subject, grid, intensity={k: v + 1000.0 for k, v in PHANTOM_HU.items()})
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -spacing * (size - 1) / 2
+    return Volume(image.numpy() - 1000.0, affine, f"abdomen phantom {seed}"), labels.numpy()
+
+
+class AbdomenPairs(IcbmPairs):
+    """CT test pairs like :class:`data_util.icbm.IcbmPairs`, from the abdomen phantom in HU (``size``^3
+    at ``spacing`` mm, 96^3 at 3 mm by default) instead of the ICBM152 template: moving ``seed`` is the phantom through a known random
+    affine and smooth field, then a scanner change (HU offset up to 15, noise of 5-20 HU). Labels:
+    1 liver, 2 kidneys, 3 spine, 4 stomach. Its shapes come from another generator than the
+    training label maps (:mod:`data_util.synth_labels`), but it is a phantom, not a real scan."""
+
+    modality = "ct"
+    label_names = {v: k for k, v in LABELS.items()}
+
+    def __init__(self, folder: str, magnitude: float = 8.0, contrast: str = "same", template_dir=None,
+                 spacing: float = 3.0, size: int = 96):
+        if contrast != "same":
+            raise ValueError(f"the abdomen CT pairs have one contrast; got contrast {contrast!r}")
+        self.size = size
+        super().__init__(folder, magnitude, contrast, template_dir, spacing)
+
+    def template(self, template_dir, spacing: float) -> tuple:
+        from .preprocess import Grid
+        volume, labels = phantom_ct(self.size, spacing)
+        return volume, labels, Grid(volume.shape, volume.affine)
+
+    def scanner_change(self, moving: np.ndarray, rng) -> np.ndarray:
+        noise = rng.uniform(5.0, 20.0) * rng.normal(size=moving.shape)
+        return (moving + rng.uniform(-15.0, 15.0) + noise).astype(np.float32)
 
 
 def generate(out_dir, size: int = 64, n_train: int = 16, n_val: int = 6, seed: int = 0,

@@ -2,6 +2,11 @@
 
 ``python experiments/icbm_benchmark.py [--pairs 4] [-c weights/<run>] [--methods ...] [--out evaluate/icbm_benchmark]``
 
+``--anatomy abdomen`` runs the same benchmark on CT: the abdomen phantom of ``data_util/synthetic.py``
+in HU (96^3 at 3 mm; liver, kidneys, spine, stomach) instead of the template, an HU offset and noise
+as the scanner change, Dice over its 4 labels. A phantom, not a real scan: it tests a CT model on
+shapes another generator made.
+
 Data: the ICBM152 2009a T1 template from nilearn's wheel (``data_util/icbm.py``) on a 2 mm RAS grid
 (99x117x95) is the fixed image, with grey/white-matter labels from its probability maps. Each moving
 image is the template read through a known transform ``phi = A o (id + d)``: a smooth random field
@@ -16,7 +21,7 @@ with det J <= 0) and seconds per pair (the registration itself: the peers' call;
 preprocess + refine/network + outputs stages, its own report; also the whole command's wall time).
 
 Methods: ``identity``; ``refine`` (``register.py --refine``, no model); with ``-c``: ``network``,
-``network+refine`` (the network's flow carried to the 2 mm grid, ``--refine_spacing 2``, and refined
+``network+refine`` (the network's flow carried to the benchmark grid (2 mm, ``--refine_spacing 2``), and refined
 there) and ``affine+network+refine`` (``--affine
 affine``: our affine stage, the network on the aligned pair, then refinement, all on the model grid); peers when installed (``pip install -r requirements-peers.txt``):
 ``ants-affine``, ``ants-syn`` (antspyx ``Affine`` / ``SyN``), ``sitk-bspline`` (SimpleITK: affine,
@@ -40,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data_util.icbm import IcbmPairs  # noqa: E402
+from data_util.synthetic import AbdomenPairs  # noqa: E402
 from network.outputs import atomic_write_text  # noqa: E402
 from data_util.image_io import ImageError, load_image  # noqa: E402
 from data_util.preprocess import Grid, grid_points, world_to_voxel  # noqa: E402
@@ -47,7 +53,7 @@ from data_util.preprocess import Grid, grid_points, world_to_voxel  # noqa: E402
 METHODS = ("identity", "affine", "refine", "network", "network+refine", "affine+network+refine", "ants-affine", "ants-syn",
            "sitk-bspline", "convexadam")
 PEER_MODULES = {"ants-affine": "ants", "ants-syn": "ants", "sitk-bspline": "SimpleITK", "convexadam": "convexAdam"}
-SPACING = 2.0
+PAIR_SOURCES = {"icbm152": (IcbmPairs, 2.0), "abdomen": (AbdomenPairs, 3.0)}    # class, grid spacing mm
 NETWORK_SECONDS: dict = {}     # (method, seed) -> seconds of the network itself (register.py's report)
 
 
@@ -64,14 +70,21 @@ def parse_args(argv=None):
     p.add_argument("--out", default="evaluate/icbm_benchmark", help="work folder (inputs, outputs, results)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every method")
     p.add_argument("--template_dir", default=None, help="folder with the ICBM152 files (default: nilearn's)")
-    return p.parse_args(argv)
+    p.add_argument("--anatomy", choices=sorted(PAIR_SOURCES), default="icbm152",
+                   help="icbm152: the brain template (MRI); abdomen: the CT abdomen phantom")
+    args = p.parse_args(argv)
+    if args.anatomy == "abdomen" and args.contrast != "same":
+        p.error("--contrast inverted: the abdomen CT pairs have one contrast")
+    return args
 
 
 # ---- data ---------------------------------------------------------------------------------------
 
 def make_pairs(args) -> tuple:
     """Writes fixed / moving NIfTIs; returns ``(grid, fixed labels, [pair dict])``."""
-    pairs = IcbmPairs(os.path.join(args.out, "inputs"), args.magnitude, args.contrast, args.template_dir, SPACING)
+    source, spacing = PAIR_SOURCES[args.anatomy]
+    pairs = source(os.path.join(args.out, "inputs"), args.magnitude, args.contrast, args.template_dir, spacing)
+    args.modality, args.spacing, args.label_names = pairs.modality, spacing, dict(pairs.label_names)
     return pairs.grid, pairs.fixed_labels, [pairs.write(seed) for seed in range(args.pairs)]
 
 
@@ -81,16 +94,22 @@ def world_points(grid: Grid) -> np.ndarray:
     return grid_points(grid, 0, grid.shape[2])
 
 
-def score(grid: Grid, fixed_labels, pair, y: np.ndarray) -> dict:
-    """``y``: ``(3, X, Y, Z)`` moving world points of every fixed voxel."""
+def label_key(name: str) -> str:
+    """``dice_gm``, ``dice_liver``: the column of one label's Dice."""
+    return "dice_" + {"grey matter": "gm", "white matter": "wm"}.get(name, name.replace(" ", "_"))
+
+
+def score(grid: Grid, fixed_labels, pair, y: np.ndarray, label_names: dict) -> dict:
+    """``y``: ``(3, X, Y, Z)`` moving world points of every fixed voxel; Dice per label of
+    ``label_names`` and their mean."""
     from network.metrics import dice_per_label, jacobian_determinant
     import torch
     vox = world_to_voxel(grid.affine, y)
     warped = ndimage.map_coordinates(pair["moving_labels"], vox.reshape(3, -1), order=0, mode="constant")
     warped = warped.reshape(grid.shape)
-    per_label = dice_per_label(fixed_labels, warped, (1, 2))
-    out = {"dice_gm": per_label[1], "dice_wm": per_label[2]}
-    out["dice"] = (out["dice_gm"] + out["dice_wm"]) / 2
+    per_label = dice_per_label(fixed_labels, warped, tuple(label_names))
+    out = {label_key(name): per_label[value] for value, name in label_names.items()}
+    out["dice"] = float(np.mean(list(out.values())))
     brain = fixed_labels > 0
     x = world_points(grid)
     truth = pair["transform"].inverse(x[:, brain])
@@ -106,15 +125,17 @@ def score(grid: Grid, fixed_labels, pair, y: np.ndarray) -> dict:
 def run_ours(args, pair, grid, name: str) -> tuple:
     out = os.path.join(args.out, "outputs", f"{name}_{pair['seed']}")
     cmd = [sys.executable, os.path.join(ROOT, "register.py"), "--fixed", pair["fixed"], "--moving", pair["moving"],
-           "-o", out, "--modality", "mri", "--threads", str(args.threads), "--no_figure"]
+           "-o", out, "--modality", args.modality, "--threads", str(args.threads), "--no_figure"]
     if "network" in name:
         cmd += ["-c", args.checkpoint]
+    else:
+        cmd += ["--spacing", str(args.spacing)]          # no model: register on the benchmark's grid
     if name.endswith("refine"):
         cmd += ["--refine"] + args.refine_args.split()
     if name == "affine":
         cmd += ["--refine", "0"]
     if name == "network+refine":
-        cmd += ["--refine_spacing", str(SPACING)]         # refine on the same 2 mm grid as refinement alone
+        cmd += ["--refine_spacing", str(args.spacing)]    # refine on the same grid as refinement alone
     if name.startswith("affine+"):
         cmd += ["--affine", "affine"]
     t0 = time.perf_counter()
@@ -238,12 +259,12 @@ def available_methods(args) -> list:
 
 # ---- summary ------------------------------------------------------------------------------------
 
-def summarise(rows: list, methods: list) -> dict:
+def summarise(rows: list, methods: list, label_names: dict) -> dict:
     summary = {}
     for name in methods:
         mine = [r for r in rows if r["method"] == name]
         summary[name] = {k: float(np.mean([r[k] for r in mine])) for k in
-                         ("dice", "dice_gm", "dice_wm", "error_mm", "folding_pct")}
+                         ("dice", *map(label_key, label_names.values()), "error_mm", "folding_pct")}
         summary[name]["seconds"] = float(np.median([r["seconds"] for r in mine]))
         summary[name]["wall_seconds"] = float(np.median([r["wall_seconds"] for r in mine]))
         network = [r["network_seconds"] for r in mine if r.get("network_seconds") is not None]
@@ -270,14 +291,19 @@ def paired(rows, a: str, b: str) -> dict | None:
 
 
 def render(summary: dict, comparisons: list, args) -> str:
-    lines = [f"ICBM152 at 2 mm, {args.pairs} pairs (random affine + smooth field up to {args.magnitude:g} mm, "
-             f"bias/gamma/noise, {args.contrast} contrast), {args.threads} threads",
-             "", "| method | Dice | GM | WM | error mm | folding % | s / pair | network s | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    labels = [label_key(n) for n in args.label_names.values()]
+    what = ("ICBM152 at 2 mm" if args.anatomy == "icbm152" else "abdomen CT phantom at 3 mm") + \
+        (", bias/gamma/noise" if args.modality == "mri" else ", HU offset/noise")
+    lines = [f"{what}, {args.pairs} pairs (random affine + smooth field up to {args.magnitude:g} mm, "
+             f"{args.contrast} contrast), {args.threads} threads",
+             "", "| method | Dice | " + " | ".join(k[5:].upper() if len(k) < 8 else k[5:] for k in labels)
+             + " | error mm | folding % | s / pair | network s | wall s |",
+             "|---|---|" + "---|" * len(labels) + "---|---|---|---|---|"]
     for name, s in summary.items():
         net = "" if s.get("network_seconds") is None else f"{s['network_seconds']:.3f}"
-        lines.append(f"| {name} | {s['dice']:.4f} ± {s['dice_sem']:.4f} | {s['dice_gm']:.4f} | {s['dice_wm']:.4f} | "
-                     f"{s['error_mm']:.3f} | {s['folding_pct']:.4f} | {s['seconds']:.2f} | {net} | "
+        lines.append(f"| {name} | {s['dice']:.4f} ± {s['dice_sem']:.4f} | "
+                     + "".join(f"{s[k]:.4f} | " for k in labels)
+                     + f"{s['error_mm']:.3f} | {s['folding_pct']:.4f} | {s['seconds']:.2f} | {net} | "
                      f"{s['wall_seconds']:.2f} |")
     if comparisons:
         lines += ["", "| paired Dice difference | mean | sem | pairs better |", "|---|---|---|---|"]
@@ -303,12 +329,13 @@ def main(argv=None):
             y, seconds, wall = run_method(args, name, pair, grid)
             row = {"method": name, "seed": pair["seed"], "seconds": seconds, "wall_seconds": wall,
                    "network_seconds": NETWORK_SECONDS.get((name, pair["seed"])),
-                   **score(grid, fixed_labels, pair, y)}
+                   **score(grid, fixed_labels, pair, y, args.label_names)}
             rows.append(row)
-            print(f"pair {pair['seed']} {name:15s} Dice {row['dice']:.4f} (GM {row['dice_gm']:.4f}, WM "
-                  f"{row['dice_wm']:.4f}) error {row['error_mm']:.3f} mm folding {row['folding_pct']:.4f}% "
+            per_label = ", ".join(f"{k[5:]} {row[k]:.4f}" for k in map(label_key, args.label_names.values()))
+            print(f"pair {pair['seed']} {name:15s} Dice {row['dice']:.4f} ({per_label}) "
+                  f"error {row['error_mm']:.3f} mm folding {row['folding_pct']:.4f}% "
                   f"{seconds:.2f} s (wall {wall:.2f} s)", flush=True)
-    summary = summarise(rows, methods)
+    summary = summarise(rows, methods, args.label_names)
     comparisons = [c for c in (paired(rows, a, b) for a, b in COMPARISONS) if c]
     text = render(summary, comparisons, args)
     print("\n" + text)

@@ -4,7 +4,7 @@
 turns a finished training run into a shipped model: its latest checkpoint without the optimiser
 (and critic) state, and a manifest with the recipe (the training commands, dataset config and its
 generator seed, steps), the file's sha256, the input normalisation and affine stage the model
-expects, and the validation numbers (``eval.py``'s summary and, if given, the ICBM152 benchmark's).
+expects, and the validation numbers (``eval.py``'s summary and, if given, the ICBM152 or CT phantom benchmark's).
 ``weights/README.md`` gets a table of every shipped model. ``python -m network.pretrained verify
 NAME`` checks the file against the manifest's sha256.
 
@@ -62,15 +62,16 @@ def eval_summary(path: str) -> dict:
 
 
 def benchmark_summary(path: str) -> dict:
-    """The per-method summary and paired comparisons of an ICBM152 benchmark result JSON."""
+    """The per-method summary and paired comparisons of a benchmark result JSON
+    (``experiments/icbm_benchmark.py``, ICBM152 or the abdomen CT phantom)."""
     result = read_json(path, "benchmark result")
     try:
         rows = {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}
                 for name, s in result["summary"].items()}
         args = result["args"]
     except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: not an ICBM152 benchmark result (missing {e})") from None
-    return {"pairs": args.get("pairs"), "contrast": args.get("contrast", "same"),
+        raise CheckpointError(f"{path}: not an icbm_benchmark.py result (missing {e})") from None
+    return {"anatomy": args.get("anatomy", "icbm152"), "pairs": args.get("pairs"), "contrast": args.get("contrast", "same"),
             "magnitude_mm": args.get("magnitude"), "threads": args.get("threads"), "methods": rows,
             "comparisons": result.get("comparisons", [])}
 
@@ -107,7 +108,7 @@ def publish(run: str, name: str, eval_json: str, benchmark_json=(), commands=(),
                    "generator_seed": (dataset_config or {}).get("seed"), "run_seed": args.get("seed"),
                    "steps": step},
         "validation": {"eval": {"command": f"python eval.py -c {root}/{name}", **eval_summary(eval_json)},
-                       "icbm152": [benchmark_summary(p) for p in benchmark_json]},
+                       **benchmarks_by_anatomy([benchmark_summary(p) for p in benchmark_json])},
         "software": {"torch": torch.__version__.split("+")[0]},
         "created": time.strftime("%Y-%m-%d", time.gmtime()),
     }
@@ -143,19 +144,33 @@ def verify(folder: str) -> dict:
     return manifest
 
 
+BENCHMARK_KEYS = {"icbm152": ("icbm152", "ICBM152"), "abdomen": ("abdomen_phantom", "CT phantom")}  # manifest key, label
+
+
+def benchmarks_by_anatomy(summaries: list) -> dict:
+    """``{"icbm152": [...], "abdomen_phantom": [...]}``: the manifest's benchmark lists (ICBM152
+    always present)."""
+    out = {"icbm152": []}
+    for b in summaries:
+        out.setdefault(BENCHMARK_KEYS.get(b["anatomy"], (b["anatomy"],))[0], []).append(b)
+    return out
+
+
 def readme_table(items: list) -> str:
     lines = ["| model | for | grid | affine stage | params | synthetic val Dice (before -> after) | "
-             "ICBM152 Dice (ANTs affine / ANTs SyN / this model) | network s | file |",
+             "benchmark Dice (ANTs affine / ANTs SyN / this model) | network s | file |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m in items:
         ev = m["validation"]["eval"]
         icbm, net = "", None
-        same = [b for b in m["validation"].get("icbm152", []) if b.get("contrast", "same") == "same"]
-        if same:
-            rows = same[0]["methods"]
-            icbm = " / ".join(f"{rows[k]['dice']:.3f}" if k in rows else "-"
-                              for k in ("ants-affine", "ants-syn", "network"))
-            net = rows.get("network", {}).get("network_seconds")
+        for key, label in BENCHMARK_KEYS.values():
+            same = [b for b in m["validation"].get(key, []) if b.get("contrast", "same") == "same"]
+            if same:
+                rows = same[0]["methods"]
+                icbm = f"{label}: " + " / ".join(f"{rows[k]['dice']:.3f}" if k in rows else "-"
+                                                 for k in ("ants-affine", "ants-syn", "network"))
+                net = rows.get("network", {}).get("network_seconds")
+                break
         lines.append(f"| `{m['name']}` | {m['description']} | {'x'.join(map(str, m['input']['grid']))} | "
                      f"{m['input']['affine_stage']} | {m['n_params']:,} | {ev.get('dice_before', float('nan')):.3f} "
                      f"-> {ev.get('dice', float('nan')):.3f} | {icbm} | {'' if net is None else f'{net:.3f}'} | "
@@ -183,7 +198,7 @@ def main(argv=None) -> int:
     pub.add_argument("run", help="training run folder weights/<run>[:STEP] or a ckpt_<step>.pt file")
     pub.add_argument("--name", required=True, help="shipped model name (folder under --root)")
     pub.add_argument("--eval", required=True, help="eval.py result JSON of this checkpoint (evaluate/<n>/<n>.json)")
-    pub.add_argument("--benchmark", nargs="*", default=[], help="ICBM152 benchmark results.json file(s)")
+    pub.add_argument("--benchmark", nargs="*", default=[], help="experiments/icbm_benchmark.py results.json file(s) (ICBM152 or --anatomy abdomen)")
     pub.add_argument("--command", action="append", default=[], help="a training command of the recipe, in order; "
                      "repeat for each stage (default: the commands the checkpoint records)")
     pub.add_argument("--description", default="", help="one line: what the model registers")

@@ -1,7 +1,7 @@
 """Shipped models: the synth recipe trains at toy size from the manifest's own command, a run is
 published as weights/<name>/ with a manifest whose sha256 is checked, register.py runs the
-affine stage the model asks for, and the shipped brain model's manifest numbers are reproduced
-by eval.py."""
+affine stage the model asks for, a model trained on CT pairs gets CT-windowed images, and every
+shipped model's manifest numbers are reproduced by eval.py."""
 import json
 import os
 import shlex
@@ -14,9 +14,11 @@ import torch
 from faults import ROOT, assert_clean_error, leftovers, run_script
 
 from network.checkpoint import TRAINING_STATE, load_checkpoint
-from network.pretrained import MANIFEST, verify
+from network.pretrained import MANIFEST, benchmarks_by_anatomy, readme_table, verify
 
 SHIPPED = os.path.join(ROOT, "weights", "brain_mri_lite")
+SHIPPED_ALL = sorted(n for n in os.listdir(os.path.join(ROOT, "weights"))
+                     if os.path.isfile(os.path.join(ROOT, "weights", n, MANIFEST)))
 TOY = {"format": "synth", "image_size": [32, 32, 32], "maps": {"shapes": 1.0}, "n_labels": 6, "parts": 2,
        "seed": 1, "val_pairs": 2}
 
@@ -24,22 +26,30 @@ TOY = {"format": "synth", "image_size": [32, 32, 32], "maps": {"shapes": 1.0}, "
 STAGE1 = ("python train.py -b Lite -n 1 --preset lite -g -1 -d datasets/synth_brain.json --steps 7200 "
           "--round 1800 --batch 1 --lr 3e-4 --sim lncc --dice_weight 1 --dice_downsample 2 --augment none "
           "--val_steps 600 --val_pairs 8 --save_steps 300 --output synth_brain_lite --workers 1 --seed 0")
-RECIPE = (json.load(open(os.path.join(SHIPPED, MANIFEST)))["recipe"]["commands"]
-          if os.path.isfile(os.path.join(SHIPPED, MANIFEST)) else [STAGE1])
+
+
+def shipped_recipe(folder: str, default: list) -> list:
+    """The training commands in a shipped model's manifest (``default`` when none is shipped)."""
+    path = os.path.join(folder, MANIFEST)
+    return json.load(open(path))["recipe"]["commands"] if os.path.isfile(path) else default
+
+
+RECIPE = shipped_recipe(SHIPPED, [STAGE1])
 TOY_STEPS = 3 * len(RECIPE)           # 3 steps per stage
 
 
-PAIR_MIX = ("independent_contrast", "still_pairs")     # dataset keys a stage carries to its toy version
+CARRIED = ("modality", "independent_contrast", "still_pairs")     # dataset keys a stage carries to its toy version
 
 
 def toy_dataset(command: str) -> dict:
-    """The toy dataset for one stage of the recipe: :data:`TOY` with the stage dataset's pair mix."""
+    """The toy dataset for one stage of the recipe: :data:`TOY` with the stage dataset's modality and
+    pair mix."""
     words = shlex.split(command)
     for flag in ("-d", "--dataset"):
         if flag in words:
             with open(os.path.join(ROOT, words[words.index(flag) + 1])) as f:
                 stage = json.load(f)
-            return dict(TOY, **{k: stage[k] for k in PAIR_MIX if k in stage})
+            return dict(TOY, **{k: stage[k] for k in CARRIED if k in stage})
     return dict(TOY)
 
 
@@ -65,13 +75,18 @@ def toy_command(command: str, stage: int, last: bool) -> list:
                    "--save_steps", "3", "--workers", "0", "--output", "toy" if last else f"toy{stage}"]
 
 
+def train_toy_recipe(recipe: list, folder) -> None:
+    """Every stage of ``recipe`` at toy size in ``folder``; the last one writes ``weights/toy``."""
+    for stage, command in enumerate(recipe):
+        (folder / f"toy{stage}.json").write_text(json.dumps(toy_dataset(command)))
+        r = run_script("train.py", *toy_command(command, stage, stage == len(recipe) - 1), cwd=folder)
+        assert r.returncode == 0, (command, r.stderr[-2000:])
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("pretrained")
-    for stage, command in enumerate(RECIPE):
-        (d / f"toy{stage}.json").write_text(json.dumps(toy_dataset(command)))
-        r = run_script("train.py", *toy_command(command, stage, stage == len(RECIPE) - 1), cwd=d)
-        assert r.returncode == 0, (command, r.stderr[-2000:])
+    train_toy_recipe(RECIPE, d)
     r = run_script("eval.py", "-c", "weights/toy", "--name", "toy", cwd=d)
     assert r.returncode == 0, r.stderr[-2000:]
     return d
@@ -151,12 +166,35 @@ def test_register_runs_the_affine_stage_the_model_expects(toy_run):
     assert report["model_grid"]["shape"] != [32, 32, 32]
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(SHIPPED, MANIFEST)), reason="no shipped brain model")
-def test_shipped_brain_model_matches_its_manifest(tmp_path):
-    manifest = verify(SHIPPED)
+def test_ct_training_gives_a_model_fed_ct_windowed_images(tmp_path):
+    """Stage 1 on datasets/synth_ct.json at toy size: the checkpoint records CT input, and register.py
+    windows both HU images for it without being told."""
+    ct_stage = STAGE1.replace("synth_brain.json", "synth_ct.json").replace("synth_brain_lite", "synth_ct_lite")
+    train_toy_recipe([ct_stage], tmp_path)
+    state = load_checkpoint(str(tmp_path / "weights" / "toy"))
+    assert state["input_normalisation"] == "ct" and state["register_affine"] == "affine"
+    rng = np.random.default_rng(1)
+    hu = np.full((40, 40, 40), -1000.0, np.float32)
+    hu[6:34, 8:32, 5:35] = 40 + 10 * rng.standard_normal((28, 24, 30))      # soft tissue
+    hu[12:24, 12:22, 10:26] = 180                                            # enhanced organ
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / "f.nii.gz"))
+    nib.save(nib.Nifti1Image(np.roll(hu, 2, axis=1), affine), str(tmp_path / "m.nii.gz"))
+    r = run_script("register.py", "-c", "weights/toy", "--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--no_figure",
+                   "--affine_iters", "5", "-o", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoint input_normalisation 'ct'" in r.stdout and "affine stage first" in r.stdout
+    report = json.load(open(tmp_path / "out" / "report.json"))
+    assert {report["normalisation"][s]["modality"] for s in ("fixed", "moving")} == {"ct"}
+
+
+@pytest.mark.parametrize("name", SHIPPED_ALL)
+def test_shipped_model_matches_its_manifest(name, tmp_path):
+    folder = os.path.join(ROOT, "weights", name)
+    manifest = verify(folder)
     assert manifest["bytes"] < 3_000_000
     expected = manifest["validation"]["eval"]
-    r = run_script("eval.py", "-c", SHIPPED, "-d", os.path.join(ROOT, manifest["recipe"]["dataset"]),
+    r = run_script("eval.py", "-c", folder, "-d", os.path.join(ROOT, manifest["recipe"]["dataset"]),
                    "--name", "shipped", "--out_dir", str(tmp_path), cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.load(open(tmp_path / "shipped" / "shipped.json"))["summary"]
@@ -209,3 +247,17 @@ def test_fresh_optimizer_stage_equals_a_start_from_shipped_weights(tmp_path):
     assert r.returncode == 0 and "--fresh_optimizer" not in r.stdout, r.stderr[-2000:]
     r = run_script("train.py", *flags, "--steps", "2", "--output", "x", "--fresh_optimizer", cwd=tmp_path)
     assert_clean_error(r, "--fresh_optimizer", "-c")
+
+
+def test_readme_table_names_the_benchmark_each_model_was_judged_on():
+    def bench(anatomy, contrast, dice):
+        rows = {"ants-affine": {"dice": dice - 0.1}, "ants-syn": {"dice": dice + 0.1},
+                "network": {"dice": dice, "network_seconds": 0.05}}
+        return {"anatomy": anatomy, "contrast": contrast, "methods": rows}
+    grouped = benchmarks_by_anatomy([bench("icbm152", "inverted", 0.5), bench("abdomen", "same", 0.8)])
+    assert [b["anatomy"] for b in grouped["icbm152"]] == ["icbm152"] and len(grouped["abdomen_phantom"]) == 1
+    model = {"name": "ct", "description": "CT", "input": {"grid": [8, 8, 8], "affine_stage": "affine"},
+             "n_params": 10, "checkpoint": "ckpt_1.pt", "bytes": 1000,
+             "validation": {"eval": {"dice_before": 0.4, "dice": 0.6}, **grouped}}
+    row = readme_table([model]).splitlines()[-1]
+    assert "CT phantom: 0.700 / 0.900 / 0.800" in row and "| 0.050 |" in row     # the inverted ICBM run is not it
