@@ -4,7 +4,7 @@
 
 ``--anatomy abdomen`` runs the same benchmark on CT: the abdomen phantom of ``data_util/synthetic.py``
 in HU (96^3 at 3 mm; liver, kidneys, spine, stomach) instead of the template, an HU offset and noise
-as the scanner change, Dice over its 4 labels. A phantom, not a real scan: it tests a CT model on
+as the scanner change, Dice over its 4 labels (error and folding over them). A phantom, not a real scan: it tests a CT model on
 shapes another generator made.
 
 Data: the ICBM152 2009a T1 template from nilearn's wheel (``data_util/icbm.py``) on a 2 mm RAS grid
@@ -110,13 +110,13 @@ def score(grid: Grid, fixed_labels, pair, y: np.ndarray, label_names: dict) -> d
     per_label = dice_per_label(fixed_labels, warped, tuple(label_names))
     out = {label_key(name): per_label[value] for value, name in label_names.items()}
     out["dice"] = float(np.mean(list(out.values())))
-    brain = fixed_labels > 0
+    inside = fixed_labels > 0                         # the brain, or the phantom's organs
     x = world_points(grid)
-    truth = pair["transform"].inverse(x[:, brain])
-    out["error_mm"] = float(np.linalg.norm(y[:, brain] - truth, axis=0).mean())
+    truth = pair["transform"].inverse(x[:, inside])
+    out["error_mm"] = float(np.linalg.norm(y[:, inside] - truth, axis=0).mean())
     flow = torch.from_numpy((vox - world_to_voxel(grid.affine, x)).astype(np.float32))[None]
     det = jacobian_determinant(flow)[0].numpy()
-    out["folding_pct"] = float(100 * (det[brain[:-1, :-1, :-1]] <= 0).mean())
+    out["folding_pct"] = float(100 * (det[inside[:-1, :-1, :-1]] <= 0).mean())
     return out
 
 
