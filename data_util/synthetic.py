@@ -228,11 +228,12 @@ def phantom_ct(size: int = 96, spacing: float = 3.0, seed: int = 0):
 
 
 class AbdomenPairs(IcbmPairs):
-    """CT test pairs like :class:`data_util.icbm.IcbmPairs`, from the abdomen phantom in HU (``size``^3
-    at ``spacing`` mm, 96^3 at 3 mm by default) instead of the ICBM152 template: moving ``seed`` is the phantom through a known random
-    affine and smooth field, then a scanner change (HU offset up to 15, noise of 5-20 HU). Labels:
-    1 liver, 2 kidneys, 3 spine, 4 stomach. Its shapes come from another generator than the
-    training label maps (:mod:`data_util.synth_labels`), but it is a phantom, not a real scan."""
+    """CT test pairs like :class:`data_util.icbm.IcbmPairs`, from the abdomen phantom in HU
+    (``size``^3 at ``spacing`` mm, 96^3 at 3 mm by default) instead of the ICBM152 template: moving
+    ``seed`` is the phantom through a known random affine and smooth field, then a scanner change
+    (HU offset up to 15, noise of 5-20 HU). Labels: 1 liver, 2 kidneys, 3 spine, 4 stomach. Its
+    shapes come from another generator than the training label maps (:mod:`data_util.synth_labels`),
+    but it is a phantom, not a real scan."""
 
     modality = "ct"
     label_names = {v: k for k, v in LABELS.items()}

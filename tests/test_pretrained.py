@@ -26,15 +26,8 @@ TOY = {"format": "synth", "image_size": [32, 32, 32], "maps": {"shapes": 1.0}, "
 STAGE1 = ("python train.py -b Lite -n 1 --preset lite -g -1 -d datasets/synth_brain.json --steps 7200 "
           "--round 1800 --batch 1 --lr 3e-4 --sim lncc --dice_weight 1 --dice_downsample 2 --augment none "
           "--val_steps 600 --val_pairs 8 --save_steps 300 --output synth_brain_lite --workers 1 --seed 0")
-
-
-def shipped_recipe(folder: str, default: list) -> list:
-    """The training commands in a shipped model's manifest (``default`` when none is shipped)."""
-    path = os.path.join(folder, MANIFEST)
-    return json.load(open(path))["recipe"]["commands"] if os.path.isfile(path) else default
-
-
-RECIPE = shipped_recipe(SHIPPED, [STAGE1])
+RECIPE = (json.load(open(os.path.join(SHIPPED, MANIFEST)))["recipe"]["commands"]
+          if os.path.isfile(os.path.join(SHIPPED, MANIFEST)) else [STAGE1])
 TOY_STEPS = 3 * len(RECIPE)           # 3 steps per stage
 
 
