@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rcn: base lr for 3 epochs (of --round steps), then halved every epoch; constant: base lr")
     p.add_argument("--finetune", action="store_true", help="RCN fine-tuning schedule (base lr 5e-6)")
     p.add_argument("--sim", choices=sorted(SIMILARITY_NAMES), default="corr",
-                   help="similarity loss on the final warp (lncc: 9^3 window)")
+                   help="similarity loss on the final warp (lncc: 9^3 window; mind: MIND-SSC descriptors, for pairs "
+                   "in two contrasts)")
     p.add_argument("--regulariser", choices=sorted(REGULARISER_NAMES), default="smooth",
                    help="smooth: RCN squared forward differences; gradient_l1: the Learn2Reg recipe's "
                         "L1(spatial gradient - 0.5)")

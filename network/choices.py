@@ -7,7 +7,7 @@ the same names; ``tests/test_architecture.py`` checks that they agree.
 """
 
 DEFORMABLE_NETWORK_NAMES = ("LDR", "Lite", "SpatialGradient", "VTN", "VoxelMorph")
-SIMILARITY_NAMES = ("corr", "lncc", "mse")
+SIMILARITY_NAMES = ("corr", "lncc", "mind", "mse")
 REGULARISER_NAMES = ("gradient_l1", "smooth")
 
 # preset -> (affine stem or None, deformable networks per cascade, multiplier rule)

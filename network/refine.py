@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import compose_flows, identity_grid, warp
-from .losses import LocalSquaredCorrelation, box_sum
+from .losses import LocalSquaredCorrelation, box_mean, mind_ssc
 
 SIMILARITIES = ("lncc", "mind", "ncc", "mse")
 AFFINE_MODES = ("none", "rigid", "affine")
@@ -111,44 +111,6 @@ def _weighted_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return x.mean()
     return (x.mean(1, keepdim=True) * mask).sum() / mask.sum().clamp_min(1e-6)
-
-
-def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Mean over a ``window^3`` box centred on every voxel, edges replicated; same shape."""
-    return box_sum(x, window, padding="replicate") / float(window ** 3)
-
-
-# the six face neighbours of a voxel, and the 12 pairs of them at distance sqrt(2) (MIND-SSC)
-_SIX = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
-MIND_PAIRS = tuple((a, b) for i, a in enumerate(_SIX) for b in _SIX[i + 1:]
-                   if sum((p - q) ** 2 for p, q in zip(a, b)) == 2)
-
-
-def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> torch.Tensor:
-    """MIND-SSC descriptors ``(B, 12, X, Y, Z)`` of ``image`` ``(B, 1, X, Y, Z)`` (Heinrich et al. 2013).
-
-    For each of the 12 pairs ``(a, b)`` of face neighbours at distance sqrt(2) (offsets scaled by
-    ``dilation`` voxels), ``D_ab(x)`` = mean over a ``(2 radius + 1)^3`` patch of
-    ``(I(x + a) - I(x + b))^2`` (edges replicated). Then ``D' = D - min_pairs D``,
-    ``V = mean_pairs D'`` clamped to [1e-3, 1e3] x its image mean (and >= eps), and
-    ``MIND = exp(-D' / V)``: in (0, 1], 1 for the most similar pair at every voxel.
-    """
-    if image.dim() != 5 or image.shape[1] != 1:
-        raise ValueError(f"MIND-SSC needs an image (B, 1, X, Y, Z), got {tuple(image.shape)}")
-    d = dilation
-    padded = F.pad(image, (d,) * 6, mode="replicate")
-    X, Y, Z = image.shape[2:]
-
-    def shifted(o):
-        return padded[:, :, d + o[0] * d:d + o[0] * d + X, d + o[1] * d:d + o[1] * d + Y, d + o[2] * d:d + o[2] * d + Z]
-
-    dist = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in MIND_PAIRS], dim=1)
-    dist = box_mean(dist, 2 * radius + 1)
-    dist = dist - dist.min(1, keepdim=True).values
-    var = dist.mean(1, keepdim=True)
-    level = var.mean()
-    var = torch.maximum(torch.minimum(var, level * 1e3), (level * 1e-3).clamp_min(eps))
-    return torch.exp(-dist / var)
 
 
 def ncc_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,8 +8,9 @@ import torch
 from network import RegistrationLoss, build_model
 from network.base_networks import affine_flow
 from network.layers import identity_grid
-from network.losses import (affine_det_loss, affine_ortho_loss, correlation_loss, lncc_loss,
-                            mse_loss, smoothness_loss)
+from network.layers import warp
+from network.losses import (affine_det_loss, affine_ortho_loss, correlation_loss, lncc_loss, mind_loss,
+                            mind_ssc, mse_loss, smoothness_loss)
 from network.metrics import (METRIC_KEYS, dice_jaccard, jacobian_determinant, jacobian_stats,
                              landmark_distance, pair_metrics, segmentation_scores, summarise)
 
@@ -57,6 +58,42 @@ def test_lncc_loss():
     assert lncc_loss(a, a, window=3).tolist() == pytest.approx([0, 0], abs=1e-3)
     with pytest.raises(ValueError):
         lncc_loss(a, a, window=4)
+
+
+def test_mind_loss_ignores_contrast_and_sees_motion():
+    a = rand(2, 1, 16, 16, 16)
+    assert mind_loss(a, a).shape == (2,)
+    # intensities through any affine map, inverted included, leave MIND-SSC unchanged
+    assert mind_loss(a, 1.0 - a).tolist() == pytest.approx([0, 0], abs=1e-12)
+    assert mind_loss(a, 3.0 * a + 0.2).tolist() == pytest.approx([0, 0], abs=1e-12)
+    assert (mind_loss(a, torch.roll(a, 2, dims=2)) > 1e-2).all()
+    # on the full grid with dilation d it is the mean squared descriptor distance
+    b = rand(2, 1, 16, 16, 16, seed=3)
+    want = ((mind_ssc(a, 1, 2) - mind_ssc(b, 1, 2)) ** 2).mean((1, 2, 3, 4))
+    assert torch.allclose(mind_loss(a, b, downsample=1, dilation=2), want)
+
+
+def test_mind_ssc_normalises_each_image_of_a_batch_on_its_own():
+    a = rand(2, 1, 12, 12, 12)
+    both = mind_ssc(torch.cat([a[:1], 10.0 * a[1:]]))
+    assert torch.allclose(both[0], mind_ssc(a[:1])[0]) and torch.allclose(both[1], mind_ssc(a[1:])[0])
+
+
+def test_mind_training_similarity_registers_across_contrasts():
+    """A smooth image against a shifted, inverted copy: away from the border (where the warp reads
+    outside the image) the MIND term vanishes at the true displacement, not at none; RegistrationLoss
+    reports the same term as mind_loss."""
+    base = torch.nn.functional.avg_pool3d(rand(1, 1, 32, 32, 32), 5, stride=1, padding=2)
+    moving = 1.0 - torch.roll(base, 2, dims=2)             # fixed(p) = 1 - moving(p + 2 e_x)
+    true = torch.zeros(1, 3, 32, 32, 32, dtype=torch.float64)
+    true[:, 0] = 2.0
+    inner = (slice(None), slice(None)) + (slice(4, -4),) * 3
+    warped = warp(moving, true)
+    assert mind_loss(base[inner], warped[inner]).item() < 1e-12
+    assert mind_loss(base[inner], moving[inner]).item() > 1e-2
+    loss = RegistrationLoss(similarity="mind", reg_weight=0.0)
+    _, comps = loss(base, {"warped": warped, "flows": [true], "deformable": [True], "flow": true})
+    assert comps["sim"].item() == pytest.approx(mind_loss(base, warped).item())
 
 
 def test_mse_loss_hand_value():

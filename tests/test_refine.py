@@ -16,8 +16,8 @@ import scan_data as sd  # noqa: E402
 from faults import assert_clean_error, leftovers, run_script  # noqa: E402
 
 from network.layers import identity_grid, warp  # noqa: E402
-from network.refine import MIND_PAIRS, RefineConfig, Similarity, affine_matrix_flow, mind_ssc, \
-    register_pair  # noqa: E402
+from network.losses import MIND_PAIRS, mind_ssc  # noqa: E402
+from network.refine import RefineConfig, Similarity, affine_matrix_flow, register_pair  # noqa: E402
 
 
 def smooth_noise(shape, sigma=1.5, seed=0):
