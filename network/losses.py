@@ -131,7 +131,7 @@ def mind_loss(fixed: torch.Tensor, warped: torch.Tensor, downsample: int = 2, ra
 
     Depends on local self-similarity, not on intensities, so it works across contrasts. Computed on
     a grid ``downsample`` times coarser (both images averaged over blocks): the defaults compare
-    pixels 2 voxels apart on the full grid, as the refinement's MIND does, at 1/8 of the cost.
+    intensities 2 voxels apart on the full grid, as the refinement's MIND does, at 1/8 of the cost.
     Images ``(B, 1, X, Y, Z)``."""
     if downsample > 1:
         fixed, warped = F.avg_pool3d(fixed, downsample), F.avg_pool3d(warped, downsample)
